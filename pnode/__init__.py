@@ -1,0 +1,26 @@
+"""pnode: neural ODEs with exact PETSc discrete-adjoint gradients.
+
+Public API::
+
+    pnode.odeint(func, y0, t, *, method="dopri5", ...)   # also pnode.odeint_adjoint
+    pnode.NeuralODE(func, t=(0.0, 1.0), **odeint_kwargs)
+    pnode.IMEX(implicit=..., explicit=...)
+    pnode.methods(), pnode.last_stats()
+    pnode.PnodeError, pnode.SolverError
+"""
+
+from ._petsc import init_petsc as _init_petsc
+
+_init_petsc()
+
+from .adjoint import IMEX, Method, SolveStats, clear_cache, last_stats, methods, odeint  # noqa: E402
+from .errors import PnodeError, SolverError  # noqa: E402
+from .neural_ode import NeuralODE  # noqa: E402
+
+odeint_adjoint = odeint
+__version__ = "0.1.0"
+
+__all__ = [
+    "odeint", "odeint_adjoint", "NeuralODE", "IMEX", "methods", "Method", "SolveStats",
+    "last_stats", "clear_cache", "PnodeError", "SolverError", "__version__",
+]

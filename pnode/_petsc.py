@@ -1,0 +1,46 @@
+"""PETSc initialisation: command-line options reach PETSc's options database."""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["init_petsc", "petsc_argv"]
+
+# Command-line arguments PETSc should see: pnode's solver prefix and PETSc's own families.
+_PETSC_PREFIXES = ("-pnode_", "-log_", "-info", "-help", "-options_", "-malloc", "-on_error",
+                   "-ts_", "-snes_", "-ksp_", "-pc_", "-mat_", "-vec_", "-viewer_")
+
+
+def petsc_argv(argv: list[str]) -> list[str]:
+    """The PETSc options (with their values) among a script's arguments."""
+    out: list[str] = []
+    args = argv[1:]
+    for i, a in enumerate(args):
+        if a.startswith(_PETSC_PREFIXES) or a == "-log_view":
+            out.append(a)
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if nxt is not None and (not nxt.startswith("-") or _is_number(nxt)):
+                out.append(nxt)
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def init_petsc() -> None:
+    """Initialise petsc4py with the PETSc options on the process's command line.
+
+    Options such as ``-pnode_ts_type cn`` or ``-log_view`` given to the user's
+    script reach PETSc; the script's own arguments are not passed (PETSc would
+    warn about them as unused).  If the application imported ``petsc4py.PETSc``
+    first, its initialisation stands.
+    """
+    import petsc4py
+
+    if "petsc4py.PETSc" not in sys.modules:
+        petsc4py.init(["pnode", *petsc_argv(sys.argv)])

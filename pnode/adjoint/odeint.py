@@ -1,0 +1,419 @@
+"""``pnode.odeint``: the one entry point that integrates an ODE."""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .function import Lease, OdeintFunction
+from .methods import Method, resolve_method
+from .problem import TorchProblem
+from .solver import DENSE_JACOBIAN_MAX, SolveOptions, SolveStats, TSSolver
+from .state import StateSpec
+
+__all__ = ["odeint", "IMEX", "last_stats", "clear_cache"]
+
+CHECKPOINT_POLICIES = ("stages", "all", "solution")
+_KNOWN_OPTIONS = {"step_size", "first_step", "max_num_steps", "jacobian", "theta", "endpoint",
+                  "ksp_rtol", "snes_rtol"}
+
+
+@dataclass(frozen=True)
+class IMEX:
+    """An implicit-explicit split ``dy/dt = implicit(t, y) + explicit(t, y)``.
+
+    Pass it as ``func`` with an ARKIMEX method (``kencarp3/4/5`` or
+    ``"arkimex:<type>"``): the stiff ``implicit`` part is solved by Newton,
+    the ``explicit`` part is evaluated explicitly.
+
+    Parameters
+    ----------
+    implicit : callable
+        Stiff part ``f_I(t, y)``.
+    explicit : callable
+        Non-stiff part ``f_E(t, y)``.
+
+    Examples
+    --------
+    >>> ys = pnode.odeint(pnode.IMEX(implicit=diffusion, explicit=net), u0, t, method="kencarp4")
+    """
+
+    implicit: Callable
+    explicit: Callable
+
+    def __call__(self, t, y):
+        fi, fe = self.implicit(t, y), self.explicit(t, y)
+        if isinstance(fi, tuple):
+            return tuple(a + b for a, b in zip(fi, fe, strict=True))
+        return fi + fe
+
+
+# ---------------------------------------------------------------------------------------
+# Solver cache: TS objects are reused across calls with the same func, state layout,
+# parameters layout, method and options.  Pools hold no reference to func between calls,
+# so they disappear with it.
+# ---------------------------------------------------------------------------------------
+_lock = threading.Lock()
+_pools: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_uncached: list[TSSolver] = []
+_last: dict[str, TSSolver] = {}
+
+
+def _owner(func: Callable) -> tuple[Any, Any]:
+    """Object whose lifetime scopes the cache entry, and a key part naming the function."""
+    if hasattr(func, "__self__") and hasattr(func, "__func__"):  # bound method
+        return func.__self__, func.__func__
+    return func, None
+
+
+def _destroy_pool(pool: dict) -> None:
+    for solvers in pool.values():
+        for s in solvers:
+            s.destroy()
+
+
+def clear_cache() -> None:
+    """Destroy every cached PETSc solver (they are rebuilt on demand)."""
+    with _lock:
+        for pool in list(_pools.values()):
+            _destroy_pool(pool)
+        _pools.clear()
+
+
+def last_stats() -> SolveStats | None:
+    """Statistics of the most recent solve in this process (see :class:`SolveStats`)."""
+    solver = _last.get("solver")
+    return None if solver is None else solver.stats
+
+
+class _Call:
+    """Everything one odeint call needs, shared by its forward and backward."""
+
+    def __init__(self, func, spec: StateSpec, params: list[torch.Tensor], method: Method,
+                 opts: SolveOptions) -> None:
+        self.func, self.spec, self.params, self.method, self.opts = func, spec, params, method, opts
+        self.imex = isinstance(func, IMEX)
+        if opts.jacobian == "auto":
+            self.dense = spec.size <= DENSE_JACOBIAN_MAX
+        else:
+            self.dense = opts.jacobian == "dense"
+        self.key = (
+            method, spec.shapes, spec.is_tuple, spec.dtype,
+            tuple((tuple(p.shape), p.dtype) for p in params), opts, self.dense, self.imex,
+        )
+
+    def _parts(self):
+        m = self.method
+        if self.imex:
+            return self.func.explicit, self.func.implicit
+        if m.implicit:
+            return None, self.func
+        return self.func, None
+
+    def _new_solver(self) -> TSSolver:
+        explicit, implicit = self._parts()
+        prob = TorchProblem(self.spec, self.params, explicit=explicit, implicit=implicit,
+                            dense_jacobian=self.dense)
+        return TSSolver(prob, self.method, self.opts)
+
+    def _bind(self, solver: TSSolver) -> None:
+        explicit, implicit = self._parts()
+        prob = solver.problem
+        if prob.explicit is not None:
+            prob.explicit.func = explicit
+        if prob.implicit is not None:
+            prob.implicit.func = implicit
+        prob.params = self.params
+
+    def acquire(self, record: bool) -> Lease:
+        owner, fkey = _owner(self.func)
+        key = (fkey, *self.key)
+        solver = None
+        with _lock:
+            try:
+                pool = _pools.setdefault(owner, {})
+            except TypeError:  # not weak-referenceable: no caching
+                pool = None
+            if pool is not None:
+                for s in pool.get(key, ()):
+                    if not s.busy:
+                        solver = s
+                        break
+            if solver is None:
+                solver = self._new_solver()
+                if pool is not None:
+                    pool.setdefault(key, []).append(solver)
+                    if len(pool) == 1:
+                        weakref.finalize(owner, _destroy_pool, pool)
+                else:
+                    _uncached.append(solver)
+            solver.busy = True
+        self._bind(solver)
+        _last["solver"] = solver
+        return Lease(solver, _release)
+
+    def time_gradient(self, solver: TSSolver, t: torch.Tensor, ys: torch.Tensor,
+                      g: torch.Tensor, grad_y0: torch.Tensor) -> torch.Tensor:
+        """dL/dt_k = g_k . f(t_k, y_k) for k >= 1 and -lambda_0 . f(t_0, y_0).
+
+        The continuous-time sensitivity of each output time, evaluated on the
+        discrete solution (it differs from the derivative of the discrete map by
+        the scheme's truncation error, since moving an output time moves a step).
+        """
+        with torch.no_grad():
+            f = torch.stack([
+                self.spec.flatten(self.func(tk.to(self.spec.dtype), self.spec.unflatten(yk)))
+                .to(torch.float64)
+                for tk, yk in zip(t, ys, strict=True)
+            ])
+            gt = (g * f).sum(dim=1)
+            gt[0] = -(grad_y0 * f[0]).sum()
+        return gt.to(t.dtype)
+
+    def split_param_grads(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        out, i = [], 0
+        for p in self.params:
+            out.append(flat[i:i + p.numel()].view_as(p).to(p.dtype))
+            i += p.numel()
+        return out
+
+
+def _release(solver: TSSolver) -> None:
+    prob = solver.problem
+    if prob.explicit is not None:
+        prob.explicit.func = None
+    if prob.implicit is not None:
+        prob.implicit.func = None
+    prob.params = []
+    prob.explicit and setattr(prob.explicit, "point", None)
+    prob.implicit and setattr(prob.implicit, "point", None)
+    if prob.explicit is not None:
+        prob.explicit.last_point = None
+    if prob.implicit is not None:
+        prob.implicit.last_point = None
+    solver.busy = False
+    if solver in _uncached:
+        _uncached.remove(solver)
+        solver.destroy()
+
+
+# ---------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what} contains NaN or Inf")
+
+
+def _check_state(y0) -> tuple[torch.Tensor, ...]:
+    tensors = tuple(y0) if isinstance(y0, (tuple, list)) else (y0,)
+    if not tensors:
+        raise ValueError("y0 is an empty tuple; pass a Tensor or a tuple of Tensors")
+    for i, y in enumerate(tensors):
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"y0{'' if len(tensors) == 1 else f'[{i}]'} must be a torch.Tensor, "
+                            f"got {type(y).__name__}")
+        if not y.is_floating_point():
+            raise ValueError(f"y0 must be floating point, got {y.dtype}")
+        if y.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"y0 dtype {y.dtype} is not supported; use float32 or float64")
+        if y.device.type != "cpu":
+            raise ValueError(f"y0 is on {y.device}; pnode's PETSc build runs on the CPU")
+        _check_finite(y, "y0")
+    return tensors
+
+
+def _check_times(t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t, dtype=torch.float64)
+    if t.dim() != 1:
+        raise ValueError(f"t must be 1-D, got shape {tuple(t.shape)}")
+    if t.numel() < 2:
+        raise ValueError("t must hold at least two times (start and end)")
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    _check_finite(t, "t")
+    if not bool((t[1:] > t[:-1]).all()):
+        raise ValueError(f"t must be strictly increasing, got {t.tolist()}")
+    return t
+
+
+def _collect_params(func, adjoint_params) -> list[torch.Tensor]:
+    if adjoint_params is not None:
+        params = list(adjoint_params)
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"adjoint_params must be Tensors, got {type(p).__name__}")
+    else:
+        mods = [m for m in ((func.implicit, func.explicit) if isinstance(func, IMEX) else (func,))]
+        params, seen = [], set()
+        for m in mods:
+            owner = m.__self__ if hasattr(m, "__self__") else m
+            if isinstance(owner, nn.Module):
+                for p in owner.parameters():
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        params.append(p)
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        _check_finite(p.detach(), "a parameter of func")
+    return params
+
+
+def _build_options(method: Method, rtol, atol, options, checkpoint, petsc_options,
+                   imex: bool) -> SolveOptions:
+    if not (isinstance(rtol, (int, float)) and rtol > 0 and math.isfinite(rtol)):
+        raise ValueError(f"rtol must be a positive number, got {rtol!r}")
+    if not (isinstance(atol, (int, float)) and atol > 0 and math.isfinite(atol)):
+        raise ValueError(f"atol must be a positive number, got {atol!r}")
+    options = dict(options or {})
+    unknown = set(options) - _KNOWN_OPTIONS
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)}; valid keys: {sorted(_KNOWN_OPTIONS)}")
+    step = options.get("step_size")
+    if step is not None and not (isinstance(step, (int, float)) and step > 0 and math.isfinite(step)):
+        raise ValueError(f"options['step_size'] must be a positive number, got {step!r}")
+    first = options.get("first_step")
+    if first is not None and not (isinstance(first, (int, float)) and first > 0):
+        raise ValueError(f"options['first_step'] must be a positive number, got {first!r}")
+    max_steps = options.get("max_num_steps", 1_000_000)
+    if not (isinstance(max_steps, int) and max_steps > 0):
+        raise ValueError(f"options['max_num_steps'] must be a positive int, got {max_steps!r}")
+    jac = options.get("jacobian", "auto")
+    if jac not in ("auto", "dense", "matfree"):
+        raise ValueError(f"options['jacobian'] must be 'auto', 'dense' or 'matfree', got {jac!r}")
+    theta = options.get("theta")
+    if theta is not None:
+        if method.ts_type != "theta":
+            raise ValueError("options['theta'] applies to method='theta' only")
+        if not (0 < theta <= 1):
+            raise ValueError(f"options['theta'] must be in (0, 1], got {theta!r}")
+    if "endpoint" in options and method.ts_type != "theta":
+        raise ValueError("options['endpoint'] applies to method='theta' only")
+    if imex and not method.imex:
+        raise ValueError(
+            f"func is a pnode.IMEX split, but method {method.name!r} is not an IMEX method; "
+            "use kencarp3, kencarp4, kencarp5 or 'arkimex:<type>'"
+        )
+    if isinstance(checkpoint, str):
+        if checkpoint not in CHECKPOINT_POLICIES:
+            raise ValueError(f"unknown checkpoint policy {checkpoint!r}; valid: {CHECKPOINT_POLICIES}")
+        policy = "solution" if checkpoint == "solution" else "stages"
+    else:
+        raise ValueError(f"checkpoint must be one of {CHECKPOINT_POLICIES}, got {checkpoint!r}")
+    popts: tuple[tuple[str, str], ...] = ()
+    if petsc_options is not None:
+        if not isinstance(petsc_options, Mapping):
+            raise TypeError("petsc_options must be a dict of PETSc option names to values")
+        popts = tuple(sorted(
+            (str(k).lstrip("-"), "" if v is None else
+             ("1" if v is True else "0" if v is False else str(v)))
+            for k, v in petsc_options.items()
+        ))
+    return SolveOptions(
+        rtol=float(rtol), atol=float(atol), step_size=None if step is None else float(step),
+        first_step=None if first is None else float(first), max_num_steps=max_steps,
+        checkpoint=policy, jacobian=jac, theta=theta, endpoint=options.get("endpoint"),
+        ksp_rtol=float(options.get("ksp_rtol", 1e-12)),
+        snes_rtol=float(options.get("snes_rtol", 1e-10)), petsc_options=popts,
+    )
+
+
+def odeint(
+    func: Callable,
+    y0: torch.Tensor | Sequence[torch.Tensor],
+    t: torch.Tensor | Sequence[float],
+    *,
+    method: str = "dopri5",
+    rtol: float = 1e-7,
+    atol: float = 1e-9,
+    options: Mapping[str, Any] | None = None,
+    adjoint_params: Sequence[torch.Tensor] | None = None,
+    checkpoint: str = "stages",
+    petsc_options: Mapping[str, Any] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Integrate ``dy/dt = func(t, y)`` with a PETSc TS; gradients by PETSc TSAdjoint.
+
+    The gradient is the exact derivative of the discrete scheme (the discrete
+    adjoint), for ``y0``, the parameters of ``func`` and the output times.
+
+    Parameters
+    ----------
+    func : callable or IMEX
+        ``func(t, y) -> dy/dt`` (an ``nn.Module`` or any callable), or a
+        :class:`IMEX` split for ARKIMEX methods.  ``t`` is a 0-d tensor of the
+        state's dtype; ``y`` has the structure of ``y0``.
+    y0 : Tensor or tuple of Tensors
+        Initial state (float32 or float64, CPU).
+    t : Tensor or sequence of float
+        1-D strictly increasing output times; every one is hit exactly by a step.
+    method : str, default "dopri5"
+        See :func:`pnode.methods`; also ``"rk:<TSRKType>"``, ``"arkimex:<type>"``.
+    rtol, atol : float
+        Tolerances of adaptive methods (PETSc TSAdapt).
+    options : dict, optional
+        ``step_size`` (fixed steps), ``first_step``, ``max_num_steps``,
+        ``jacobian`` (``"auto"``: dense LU up to 1024 unknowns, else ``"matfree"``
+        GMRES), ``theta``/``endpoint`` (method ``"theta"``), ``ksp_rtol``
+        (matrix-free linear solves, default 1e-12), ``snes_rtol`` (default 1e-10).
+    adjoint_params : sequence of Tensor, optional
+        Tensors to differentiate; by default the parameters of ``func`` if it
+        is (or is bound to) an ``nn.Module``.
+    checkpoint : str, default "stages"
+        ``"stages"``/``"all"``: keep states and stage values; ``"solution"``:
+        keep states, recompute stages in the adjoint.
+    petsc_options : dict, optional
+        PETSc options for this solve, without prefix (e.g. ``{"ts_adapt_type": "dsp"}``).
+        Command-line options with prefix ``-pnode_`` take precedence.
+
+    Returns
+    -------
+    Tensor or tuple of Tensors
+        ``[len(t), *y0.shape]`` (a tuple for a tuple ``y0``).
+
+    Raises
+    ------
+    ValueError
+        Bad input: NaN/Inf, wrong shapes, non-increasing times, unknown method
+        or option, IMEX with a non-IMEX method, ``func`` returning a wrong shape.
+    pnode.SolverError
+        The forward or adjoint solve failed (divergence, NaN, step-size
+        underflow, max steps, Newton failure); carries ``.t`` and ``.reason``.
+
+    Examples
+    --------
+    >>> func = torch.nn.Linear(2, 2).double()
+    >>> y0 = torch.randn(8, 2, dtype=torch.float64)
+    >>> ys = pnode.odeint(lambda t, y: func(y), y0, torch.linspace(0, 1, 5),
+    ...                   method="rk4", options={"step_size": 0.05})
+    >>> ys.shape
+    torch.Size([5, 8, 2])
+    """
+    # 1. check inputs
+    if not callable(func):
+        raise TypeError(f"func must be callable, got {type(func).__name__}")
+    tensors = _check_state(y0)
+    t = _check_times(t)
+    m = resolve_method(method)
+    opts = _build_options(m, rtol, atol, options, checkpoint, petsc_options,
+                          isinstance(func, IMEX))
+    if m.implicit and isinstance(func, IMEX) is False and m.ts_type == "rk":
+        raise AssertionError("internal: rk methods are explicit")
+    params = _collect_params(func, adjoint_params)
+
+    # 2. normalise: flat state, times in the state's dtype for func
+    spec = StateSpec.from_state(y0 if isinstance(y0, (tuple, list)) else tensors[0])
+    flat = spec.flatten(tuple(tensors) if spec.is_tuple else tensors[0])
+    t_out = t.to(spec.dtype) if t.dtype != spec.dtype else t
+
+    # 3. solve
+    call = _Call(func, spec, params, m, opts)
+    ys = OdeintFunction.apply(call, flat, t_out, *params)
+    return spec.unflatten(ys)

@@ -1,0 +1,314 @@
+"""The torch <-> PETSc boundary: the callbacks PETSc calls during TSSolve/TSAdjointSolve.
+
+This is the only module that reads or writes PETSc ``Vec`` memory from torch.
+Vectors are viewed zero-copy through DLPack.  Jacobians are never formed for
+explicit methods: PETSc's ``MatMultTranspose`` on the state and parameter
+Jacobians is answered by one torch vector-Jacobian product at the
+linearisation point (shared by both matrices, so a stage costs one backward
+pass).  Forward-mode products (Newton's ``J v``) use ``torch.func.jvp``; small
+implicit systems get a dense Jacobian and a direct solve, which keeps the
+transposed adjoint solves exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from petsc4py import PETSc
+
+from .state import StateSpec
+
+__all__ = ["TorchProblem", "Observer", "vec_view"]
+
+
+def vec_view(vec: PETSc.Vec, mode: str = "r") -> torch.Tensor:
+    """A torch view of a PETSc Vec's local memory (no copy)."""
+    return torch.from_dlpack(vec.toDLPack(mode))
+
+
+@dataclass
+class Counters:
+    """Evaluation counts of one solve (forward and adjoint)."""
+
+    rhs: int = 0
+    jvp: int = 0
+    vjp: int = 0
+    jacobians: int = 0
+
+
+# Observer signature: (t, y_flat, lam_flat, param_grads) -> None, called after each
+# vector-Jacobian product of the adjoint sweep; see TorchProblem.add_observer.
+Observer = Callable[[float, torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]], None]
+
+
+class _LinPoint:
+    """A linearisation point (t, x) and, lazily, the autograd graph of f there."""
+
+    __slots__ = ("t", "x", "graph", "cached_v", "cached_gp")
+
+    def __init__(self, t: float, x: torch.Tensor) -> None:
+        self.t = t
+        self.x = x
+        self.graph = None
+        self.cached_v: torch.Tensor | None = None
+        self.cached_gp: torch.Tensor | None = None
+
+
+@dataclass
+class _Part:
+    """One right-hand side term (the whole func, or one half of an IMEX split)."""
+
+    func: Callable
+    name: str
+    point: _LinPoint | None = None
+    last_point: _LinPoint | None = field(default=None, repr=False)
+
+
+class TorchProblem:
+    """Callbacks binding a torch ``func(t, y)`` to a PETSc TS.
+
+    Parameters
+    ----------
+    spec : StateSpec
+        Structure and dtype of the state.
+    params : sequence of Tensor
+        Tensors whose gradients the adjoint computes (the JacobianP columns).
+    explicit : callable or None
+        Right-hand side integrated explicitly (TSRK, or the explicit half of IMEX).
+    implicit : callable or None
+        Right-hand side integrated implicitly (IFunction ``ydot - f(t, y)``).
+    dense_jacobian : bool
+        Assemble the implicit Jacobian densely (direct LU) instead of a
+        matrix-free shell (Krylov).
+    """
+
+    def __init__(
+        self,
+        spec: StateSpec,
+        params: Sequence[torch.Tensor],
+        *,
+        explicit: Callable | None,
+        implicit: Callable | None,
+        dense_jacobian: bool,
+    ) -> None:
+        self.spec = spec
+        self.params = list(params)
+        self.n = spec.size
+        self.n_params = sum(p.numel() for p in self.params)
+        self.dense = dense_jacobian
+        self.explicit = _Part(explicit, "func") if explicit is not None else None
+        self.implicit = (
+            _Part(implicit, "IMEX implicit func" if explicit is not None else "func")
+            if implicit is not None
+            else None
+        )
+        self.counters = Counters()
+        self.observers: list[Observer] = []
+        self.error: BaseException | None = None  # first exception raised inside a callback
+        self.error_t: float | None = None
+        self._ijac_shift = 0.0
+
+    # -- evaluation helpers -------------------------------------------------------------
+    def _t(self, t: float) -> torch.Tensor:
+        return torch.tensor(t, dtype=self.spec.dtype)
+
+    def _x(self, flat64: torch.Tensor) -> torch.Tensor:
+        return flat64 if self.spec.dtype == torch.float64 else flat64.to(self.spec.dtype)
+
+    def _eval(self, part: _Part, t: float, x: torch.Tensor) -> torch.Tensor:
+        out = part.func(self._t(t), self.spec.unflatten(self._x(x)))
+        flat = self.spec.check_output(out, part.name)
+        if not bool(torch.isfinite(flat).all()):
+            raise FloatingPointError(f"{part.name} returned NaN or Inf at t={t:.6g}")
+        return flat
+
+    def _guard(self, t: float, fn: Callable[[], None]) -> None:
+        """Run a callback body; remember the first exception so the solver can re-raise it."""
+        try:
+            fn()
+        except BaseException as exc:
+            if self.error is None:
+                self.error, self.error_t = exc, t
+            raise
+
+    def reset_error(self) -> None:
+        self.error = None
+        self.error_t = None
+
+    # -- linearisation points and products ----------------------------------------------
+    def _set_point(self, part: _Part, t: float, X: PETSc.Vec) -> _LinPoint:
+        x = vec_view(X)
+        last = part.last_point
+        # J and Jp are requested at the same (t, Y) for each stage: share one graph.
+        if last is not None and last.t == t and torch.equal(last.x, x):
+            part.point = last
+            return last
+        pt = _LinPoint(t, x.clone())
+        part.point = part.last_point = pt
+        return pt
+
+    def _graph(self, part: _Part, pt: _LinPoint):
+        if pt.graph is None:
+            with torch.enable_grad():
+                xr = self._x(pt.x).detach().requires_grad_(True)
+                out = self.spec.check_output(
+                    part.func(self._t(pt.t), self.spec.unflatten(xr)), part.name
+                )
+            pt.graph = (xr, out)
+        return pt.graph
+
+    def _vjp(self, part: _Part, v: torch.Tensor, *, want_x: bool, want_p: bool):
+        pt = part.point
+        xr, out = self._graph(part, pt)
+        inputs = ([xr] if want_x else []) + (self.params if want_p else [])
+        grads = torch.autograd.grad(
+            out, inputs, grad_outputs=v.to(out.dtype), retain_graph=True, allow_unused=True
+        )
+        self.counters.vjp += 1
+        gx = grads[0] if want_x else None
+        gps = grads[1:] if want_x else grads
+        gp = None
+        if want_p and self.n_params:
+            gp = torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64)
+                    for g, p in zip(gps, self.params, strict=True)
+                ]
+            )
+        if want_p and self.observers:
+            for obs in self.observers:
+                obs(pt.t, pt.x, v, tuple(gps) if want_p else ())
+        return gx, gp
+
+    def _jvp(self, part: _Part, v: torch.Tensor) -> torch.Tensor:
+        pt = part.point
+        t = self._t(pt.t)
+
+        def f(z):
+            return self.spec.check_output(part.func(t, self.spec.unflatten(z)), part.name)
+
+        _, tangent = torch.func.jvp(f, (self._x(pt.x),), (v.to(self.spec.dtype),))
+        self.counters.jvp += 1
+        return tangent
+
+    def _dense_jacobian(self, part: _Part, pt: _LinPoint) -> torch.Tensor:
+        t = self._t(pt.t)
+
+        def f(z):
+            return self.spec.check_output(part.func(t, self.spec.unflatten(z)), part.name)
+
+        jac = torch.autograd.functional.jacobian(f, self._x(pt.x), vectorize=True)
+        self.counters.jacobians += 1
+        return jac.to(torch.float64)
+
+    # -- PETSc callbacks: explicit right-hand side ----------------------------------------
+    def rhs_function(self, ts, t, X, F):
+        def body():
+            self.counters.rhs += 1
+            with torch.no_grad():
+                vec_view(F, "w").copy_(self._eval(self.explicit, t, vec_view(X)))
+
+        self._guard(t, body)
+
+    def rhs_jacobian(self, ts, t, X, J, P):
+        self._guard(t, lambda: self._set_point(self.explicit, t, X))
+
+    def rhs_jacobian_p(self, ts, t, X, Jp):
+        self._guard(t, lambda: self._set_point(self.explicit, t, X))
+
+    # -- PETSc callbacks: implicit form F(t, x, xdot) = xdot - f(t, x) ---------------------
+    def ifunction(self, ts, t, X, Xdot, F):
+        def body():
+            self.counters.rhs += 1
+            with torch.no_grad():
+                f = self._eval(self.implicit, t, vec_view(X))
+                torch.sub(vec_view(Xdot), f.to(torch.float64), out=vec_view(F, "w"))
+
+        self._guard(t, body)
+
+    def ijacobian(self, ts, t, X, Xdot, shift, J, P):
+        def body():
+            pt = self._set_point(self.implicit, t, X)
+            self._ijac_shift = float(shift)
+            if self.dense:
+                jac = self._dense_jacobian(self.implicit, pt)
+                a = P.getDenseArray()  # column-major view of the local dense block
+                A = torch.from_numpy(a)
+                A.copy_(-jac)
+                A.diagonal().add_(float(shift))
+                P.assemble()
+                if J != P:
+                    J.assemble()
+
+        self._guard(t, body)
+
+    def ijacobian_p(self, ts, t, X, Xdot, shift, Jp):
+        self._guard(t, lambda: self._set_point(self.implicit, t, X))
+
+    # -- shell matrix contexts ------------------------------------------------------------
+    def shell(self, kind: str) -> _ShellContext:
+        return _ShellContext(self, kind)
+
+
+class _ShellContext:
+    """Python context of a MATSHELL; ``kind`` names which Jacobian it represents.
+
+    kinds: ``"rhs_x"`` (df/dx of the explicit part), ``"rhs_p"`` (df/dp),
+    ``"ijac_x"`` (shift*I - df/dx of the implicit part), ``"ijac_p"`` (-df/dp).
+    """
+
+    def __init__(self, prob: TorchProblem, kind: str) -> None:
+        self.prob = prob
+        self.kind = kind
+        self.part = prob.explicit if kind.startswith("rhs") else prob.implicit
+
+    def mult(self, mat, x, y):
+        prob = self.prob
+
+        def body():
+            v = vec_view(x)
+            if self.kind == "rhs_x":
+                out = prob._jvp(self.part, v)
+            elif self.kind == "ijac_x":
+                out = prob._ijac_shift * v - prob._jvp(self.part, v).to(torch.float64)
+            else:
+                raise NotImplementedError(f"forward product with the {self.kind} Jacobian")
+            vec_view(y, "w").copy_(out)
+
+        prob._guard(self.part.point.t if self.part.point else 0.0, body)
+
+    def multTranspose(self, mat, x, y):
+        prob = self.prob
+        part = self.part
+
+        def body():
+            v = vec_view(x)
+            pt = part.point
+            if self.kind in ("rhs_x", "ijac_x"):
+                # TSRK asks for the parameter product with the same vector right after the
+                # state product: compute both in one backward pass and keep the former.
+                # (Inside a transposed Krylov solve only the state product is needed.)
+                combine = self.kind == "rhs_x" and prob.n_params > 0
+                gx, gp = prob._vjp(part, v, want_x=True, want_p=combine)
+                if combine:
+                    pt.cached_v, pt.cached_gp = v.clone(), gp
+                gx = gx.to(torch.float64)
+                out = vec_view(y, "w")
+                if self.kind == "rhs_x":
+                    out.copy_(gx)
+                else:
+                    torch.sub(prob._ijac_shift * v, gx, out=out)
+            else:
+                if pt.cached_v is not None and torch.equal(pt.cached_v, v):
+                    gp = pt.cached_gp
+                else:
+                    _, gp = prob._vjp(part, v, want_x=False, want_p=True)
+                out = vec_view(y, "w")
+                if self.kind == "rhs_p":
+                    out.copy_(gp)
+                else:
+                    torch.neg(gp, out=out)
+
+        prob._guard(part.point.t if part.point else 0.0, body)

@@ -1,0 +1,429 @@
+"""TS lifecycle: one PETSc TS per (func, state, method, options), forward and adjoint sweeps.
+
+A :class:`TSSolver` owns its PETSc objects (TS, Vecs, Mats) and destroys them
+explicitly.  Forward solves run segment by segment between consecutive output
+times with ``MATCHSTEP``, so every output time is a step boundary (no
+tolerance-based matching) and the number of steps of each segment is known.
+The adjoint runs the segments backwards with ``TSAdjointSetSteps`` and adds the
+incoming gradient of each output at its time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time as _time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from petsc4py import PETSc
+
+from ..errors import SolverError
+from .methods import Method
+from .problem import TorchProblem, vec_view
+
+__all__ = ["SolveOptions", "SolveStats", "TSSolver", "reason_name"]
+
+# Systems up to this size get an assembled dense Jacobian and a direct (LU) solve.
+DENSE_JACOBIAN_MAX = 1024
+_ids = itertools.count()
+
+
+def reason_name(reason: int, enum=PETSc.TS.ConvergedReason) -> str:
+    """Readable name of a PETSc ``TSConvergedReason`` value."""
+    for k in dir(enum):
+        if not k.startswith("_") and getattr(enum, k) == reason:
+            return k
+    return str(reason)
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    """Validated solver options (built by :func:`pnode.odeint`)."""
+
+    rtol: float = 1e-7
+    atol: float = 1e-9
+    step_size: float | None = None
+    first_step: float | None = None
+    max_num_steps: int = 1_000_000
+    checkpoint: str = "stages"
+    jacobian: str = "auto"  # "auto" | "dense" | "matfree"
+    theta: float | None = None
+    endpoint: bool | None = None
+    ksp_rtol: float = 1e-12
+    snes_rtol: float = 1e-10
+    petsc_options: tuple[tuple[str, str], ...] = ()
+    options_prefix: str = "pnode_"
+
+
+@dataclass
+class SolveStats:
+    """Statistics of the last forward (and adjoint) solve.
+
+    Attributes
+    ----------
+    method : str
+        Method name.
+    steps : int
+        Accepted steps.
+    rejected : int
+        Rejected steps (adaptive methods).
+    step_times : list of float
+        All step boundaries ``t_0 < ... < t_M``; replaying them with
+        :func:`pnode.adjoint.reference.odeint_reference` reproduces the scheme.
+    rhs_evals, jvps, vjps, jacobians : int
+        Right-hand side evaluations, Jacobian-vector products, vector-Jacobian
+        products and dense Jacobian assemblies.
+    newton_iters, ksp_iters : int
+        Nonlinear and linear iterations of the forward solve.
+    forward_seconds, adjoint_seconds : float
+        Wall time of the sweeps.
+    """
+
+    method: str
+    steps: int = 0
+    rejected: int = 0
+    step_times: list[float] = field(default_factory=list)
+    rhs_evals: int = 0
+    jvps: int = 0
+    vjps: int = 0
+    jacobians: int = 0
+    newton_iters: int = 0
+    ksp_iters: int = 0
+    forward_seconds: float = 0.0
+    adjoint_seconds: float = 0.0
+
+
+class TSSolver:
+    """One PETSc TS bound to a :class:`TorchProblem`.
+
+    Parameters
+    ----------
+    problem : TorchProblem
+        The callbacks.
+    method : Method
+        The scheme.
+    opts : SolveOptions
+        Tolerances, step control, checkpointing and PETSc options.
+    comm : PETSc.Comm
+        Communicator of the TS (``COMM_SELF`` for serial solves).
+    """
+
+    def __init__(self, problem: TorchProblem, method: Method, opts: SolveOptions,
+                 comm: PETSc.Comm | None = None) -> None:
+        self.problem = problem
+        self.method = method
+        self.opts = opts
+        self.comm = comm or PETSc.COMM_SELF
+        self.fixed = opts.step_size is not None or not method.adaptive
+        self.busy = False  # a forward trajectory waits for its adjoint
+        self._dirty = False  # trajectory holds data no adjoint consumed
+        self._objs: list = []
+        self._step_times: dict[int, float] = {}
+        self.stats = SolveStats(method.name)
+        n, n_p = problem.n, problem.n_params
+        self.n, self.n_params = n, n_p
+
+        ts = self.ts = PETSc.TS().create(comm=self.comm)
+        self._objs.append(ts)
+        ts.setOptionsPrefix(opts.options_prefix)
+        ts.setProblemType(PETSc.TS.ProblemType.NONLINEAR)
+        ts.setType(method.ts_type)
+        if method.ts_type == "rk":
+            ts.setRKType(method.subtype)
+        elif method.ts_type == "arkimex":
+            ts.setARKIMEXType(method.subtype)
+            if problem.explicit is None:
+                ts.setARKIMEXFullyImplicit(True)
+        elif method.ts_type == "theta":
+            ts.setTheta(opts.theta if opts.theta is not None else method.theta)
+            ts.setThetaEndpoint(opts.endpoint if opts.endpoint is not None else method.endpoint)
+
+        self.x = self._vec(n)
+        self.lam = self._vec(n)
+        self.mu = self._vec(max(n_p, 1))
+        if problem.explicit is not None:
+            self.f_rhs = self._vec(n)
+            self.J_rhs = self._shell(n, n, "rhs_x")
+            ts.setRHSFunction(problem.rhs_function, self.f_rhs)
+            ts.setRHSJacobian(problem.rhs_jacobian, self.J_rhs, self.J_rhs)
+            if n_p:
+                self.Jp_rhs = self._shell(n, n_p, "rhs_p")
+                ts.setRHSJacobianP(problem.rhs_jacobian_p, self.Jp_rhs)
+        if problem.implicit is not None:
+            self.f_imp = self._vec(n)
+            ts.setIFunction(problem.ifunction, self.f_imp)
+            if problem.dense:
+                self.J_imp = PETSc.Mat().createDense((n, n), comm=self.comm)
+                self.J_imp.setUp()
+                self._objs.append(self.J_imp)
+            else:
+                self.J_imp = self._shell(n, n, "ijac_x")
+            ts.setIJacobian(problem.ijacobian, self.J_imp, self.J_imp)
+            if n_p:
+                self.Jp_imp = self._shell(n, n_p, "ijac_p")
+                ts.setIJacobianP(problem.ijacobian_p, self.Jp_imp)
+        ts.setCostGradients(self.lam, self.mu if n_p else None)
+        ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
+        ts.setMaxSteps(opts.max_num_steps)
+        ts.setErrorIfStepFails(False)
+        ts.setMaxStepRejections(-1 if not self.fixed else 0)
+        ts.setMaxSNESFailures(-1 if not self.fixed else 1)
+        ts.setMonitor(self._monitor)
+        if not self.fixed:
+            ts.setTolerances(rtol=opts.rtol, atol=opts.atol)
+        ts.setSaveTrajectory()
+        self._configure()
+
+    # -- construction helpers -----------------------------------------------------------
+    def _vec(self, n: int) -> PETSc.Vec:
+        v = PETSc.Vec().createSeq(n, comm=self.comm) if self.comm.size == 1 else \
+            PETSc.Vec().createMPI((n, PETSc.DECIDE), comm=self.comm)
+        self._objs.append(v)
+        return v
+
+    def _shell(self, m: int, n: int, kind: str) -> PETSc.Mat:
+        mat = PETSc.Mat().createPython(((m, m), (n, n)), context=self.problem.shell(kind),
+                                       comm=self.comm)
+        mat.setUp()
+        self._objs.append(mat)
+        return mat
+
+    def _defaults(self) -> dict[str, str]:
+        """pnode's default PETSc options for this solver (the command line overrides them)."""
+        d = {
+            "ts_trajectory_type": "memory",
+            "ts_trajectory_solution_only": "1" if self.opts.checkpoint == "solution" else "0",
+            "ts_adapt_type": "none" if self.fixed else "basic",
+        }
+        if self.problem.implicit is not None:
+            d.update({"snes_rtol": repr(self.opts.snes_rtol), "snes_atol": "1e-14",
+                      "snes_max_it": "50"})
+            if self.problem.dense:
+                d.update({"ksp_type": "preonly", "pc_type": "lu"})
+            else:
+                # Tight tolerances: the transposed adjoint solves reuse this KSP, and the
+                # default rtol 1e-5 would make gradients merely "close".
+                d.update({"ksp_type": "gmres", "pc_type": "none",
+                          "ksp_rtol": repr(self.opts.ksp_rtol), "ksp_atol": "1e-50",
+                          "ksp_gmres_restart": "100", "ksp_max_it": "10000"})
+        d.update(dict(self.opts.petsc_options))
+        return d
+
+    @contextmanager
+    def _options(self) -> Iterator[None]:
+        """Insert this solver's options around a set-up; command-line values win."""
+        db = PETSc.Options()
+        pre = self.opts.options_prefix
+        added = []
+        for k, v in self._defaults().items():
+            name = pre + k
+            if not db.hasName(name):
+                db.setValue(name, v)
+                added.append(name)
+        try:
+            yield
+        finally:
+            for name in added:
+                db.delValue(name)
+
+    def _configure(self) -> None:
+        with self._options():
+            self.ts.setFromOptions()
+        self._dirty = False
+
+    def destroy(self) -> None:
+        """Destroy the PETSc objects (one owner, explicit destruction)."""
+        for obj in reversed(self._objs):
+            obj.destroy()
+        self._objs.clear()
+
+    # -- forward --------------------------------------------------------------------------
+    def _monitor(self, ts, step, t, u) -> None:
+        self._step_times[step] = t
+
+    def _fail(self, phase: str, t_target: float) -> None:
+        """Turn a failed PETSc solve into the right Python exception."""
+        prob = self.problem
+        err, err_t = prob.error, prob.error_t
+        prob.reset_error()
+        self._configure()  # drop the partial trajectory; the solver stays usable
+        self.busy = False
+        steps = self.ts.getStepNumber()
+        if isinstance(err, FloatingPointError):
+            raise SolverError(
+                f"{phase} solve produced NaN/Inf: {err}", t=err_t, reason="DIVERGED_NONFINITE",
+                steps=steps, phase=phase,
+            ) from None
+        if err is not None:
+            raise err
+        reason = self.ts.getConvergedReason()
+        t_now = self.ts.getTime()
+        if reason >= 0:
+            msg = (f"stopped before reaching t={t_target:.6g}: max_num_steps="
+                   f"{self.opts.max_num_steps} reached; raise options['max_num_steps'] or loosen "
+                   "rtol/atol")
+            name = "MAX_STEPS" if reason == PETSc.TS.ConvergedReason.CONVERGED_ITS else \
+                reason_name(reason)
+        else:
+            name = reason_name(reason)
+            hints = {
+                "DIVERGED_NONLINEAR_SOLVE": "Newton failed; try smaller steps, an implicit "
+                "method with adaptivity, or snes_* options",
+                "DIVERGED_STEP_REJECTED": "step size underflow: the problem may be stiff (try an "
+                "implicit method) or blow up",
+            }
+            msg = f"{phase} solve failed: {hints.get(name, 'PETSc reported divergence')}"
+        raise SolverError(msg, t=t_now, reason=name, steps=steps, phase=phase)
+
+    def forward(self, y0: torch.Tensor, t: torch.Tensor, *, record: bool) -> torch.Tensor:
+        """Integrate from ``t[0]`` through every output time.
+
+        Parameters
+        ----------
+        y0 : Tensor
+            Flat float64 initial state.
+        t : Tensor
+            Output times (float64, strictly increasing).
+        record : bool
+            Keep the trajectory for a following :meth:`adjoint`.
+
+        Returns
+        -------
+        Tensor
+            ``[len(t), n]`` float64 solutions.
+        """
+        ts, prob = self.ts, self.problem
+        if self._dirty:
+            self._configure()
+        prob.reset_error()
+        c0 = (prob.counters.rhs, prob.counters.jvp, prob.counters.vjp, prob.counters.jacobians)
+        start = _time.perf_counter()
+        tt = t.tolist()
+        ys = torch.empty(len(tt), self.n, dtype=torch.float64)
+        ys[0] = y0
+        vec_view(self.x, "w").copy_(y0)
+        ts.setTime(tt[0])
+        ts.setStepNumber(0)
+        self._step_times = {0: tt[0]}
+        self.seg_steps = [0]
+        self._dirty = True
+        if not self.fixed:
+            h0 = self.opts.first_step or self._initial_step(tt[0], y0, tt[-1] - tt[0])
+            ts.setTimeStep(min(h0, tt[1] - tt[0]))
+        newton = ksp = rejected = 0
+        for k in range(1, len(tt)):
+            ts.setMaxTime(tt[k])
+            if self.fixed:
+                h = self.opts.step_size if self.opts.step_size is not None else tt[k] - tt[k - 1]
+                ts.setTimeStep(h)
+            try:
+                ts.solve(self.x)
+            except PETSc.Error:
+                self._fail("forward", tt[k])
+            if prob.error is not None or ts.getConvergedReason() < 0 or ts.getTime() != tt[k]:
+                self._fail("forward", tt[k])
+            ys[k] = vec_view(self.x)
+            self.seg_steps.append(ts.getStepNumber())
+            newton += ts.getSNESIterations()
+            ksp += ts.getKSPIterations()
+            rejected += ts.getStepRejections()
+        # The final TS time is set to t[-1] exactly; record the step times as PETSc took them.
+        st = self.stats = SolveStats(self.method.name)
+        st.steps = self.seg_steps[-1]
+        st.step_times = [self._step_times[i] for i in range(st.steps + 1)]
+        st.rejected = rejected
+        st.newton_iters, st.ksp_iters = newton, ksp
+        st.rhs_evals = prob.counters.rhs - c0[0]
+        st.jvps = prob.counters.jvp - c0[1]
+        st.jacobians = prob.counters.jacobians - c0[3]
+        st.forward_seconds = _time.perf_counter() - start
+        self.busy = record
+        if not record:
+            self._dirty = True
+        return ys
+
+    def _initial_step(self, t0: float, y0: torch.Tensor, span: float) -> float:
+        """Starting step for adaptive solves (Hairer, Norsett & Wanner, Sec. II.4).
+
+        Uses two right-hand side evaluations; a step too large for a stiff
+        transient would otherwise be accepted unchecked by schemes (TSTHETA)
+        whose error estimate needs a previous step.
+        """
+        prob, o = self.problem, self.opts
+        part = prob.implicit if prob.explicit is None else prob.explicit
+
+        def f(t, y):
+            out = prob._eval(part, t, y).to(torch.float64)
+            if prob.explicit is not None and prob.implicit is not None:
+                out = out + prob._eval(prob.implicit, t, y).to(torch.float64)
+            return out
+
+        try:
+            with torch.no_grad():
+                scale = o.atol + o.rtol * y0.abs()
+
+                def norm(v):
+                    return float(torch.sqrt(torch.mean((v / scale) ** 2))) if v.numel() else 0.0
+
+                f0 = f(t0, y0)
+                d0, d1 = norm(y0), norm(f0)
+                h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+                h0 = min(h0, span)
+                f1 = f(t0 + h0, y0 + h0 * f0)
+                d2 = norm(f1 - f0) / h0
+                order = max(self.method.order, 1)
+                if max(d1, d2) <= 1e-15:
+                    h1 = max(1e-6, h0 * 1e-3)
+                else:
+                    h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
+                return min(100 * h0, h1, span)
+        finally:
+            prob.counters.rhs += 2
+
+    # -- adjoint --------------------------------------------------------------------------
+    def adjoint(self, grad_ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run TSAdjointSolve backwards through the segments of the last forward solve.
+
+        Parameters
+        ----------
+        grad_ys : Tensor
+            ``[len(t), n]`` float64 gradients of the loss with respect to each output.
+
+        Returns
+        -------
+        grad_y0 : Tensor
+            ``[n]`` gradient with respect to the initial state.
+        grad_params : Tensor
+            ``[n_params]`` gradient with respect to the parameters.
+        """
+        ts, prob = self.ts, self.problem
+        prob.reset_error()
+        v0 = prob.counters.vjp
+        start = _time.perf_counter()
+        lam = vec_view(self.lam, "w")
+        lam.copy_(grad_ys[-1])
+        if self.n_params:
+            vec_view(self.mu, "w").zero_()
+        try:
+            for k in range(len(self.seg_steps) - 1, 0, -1):
+                nsteps = self.seg_steps[k] - self.seg_steps[k - 1]
+                if nsteps:
+                    ts.adjointSetSteps(nsteps)
+                    ts.adjointSolve()
+                    reason = ts.getConvergedReason()
+                    if prob.error is not None or reason < 0:
+                        self._fail("adjoint", self.stats.step_times[self.seg_steps[k - 1]])
+                lam = vec_view(self.lam, "w")
+                lam.add_(grad_ys[k - 1])
+        except PETSc.Error:
+            self._fail("adjoint", float("nan"))
+        finally:
+            self.busy = False
+        self._dirty = False
+        grad_y0 = vec_view(self.lam).clone()
+        grad_p = vec_view(self.mu).clone() if self.n_params else torch.zeros(0, dtype=torch.float64)
+        self.stats.vjps = prob.counters.vjp - v0
+        self.stats.adjoint_seconds = _time.perf_counter() - start
+        return grad_y0, grad_p

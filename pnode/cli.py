@@ -1,0 +1,89 @@
+"""The ``pnode`` command: ``pnode info`` (environment and method table)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+__all__ = ["main", "environment"]
+
+
+def environment() -> dict[str, str]:
+    """Versions and build facts of the stack pnode runs on.
+
+    Returns
+    -------
+    dict
+        pnode, Python, torch, PETSc, petsc4py, MPI library and COMM_WORLD size,
+        PETSc scalar type, precision and index size, and whether PETSc has real MPI.
+    """
+    import petsc4py
+    import torch
+    from mpi4py import MPI
+    from petsc4py import PETSc
+
+    import pnode
+
+    cfg = petsc4py.get_config()
+    conf_h = os.path.join(cfg["PETSC_DIR"], cfg.get("PETSC_ARCH") or "", "include", "petscconf.h")
+    try:
+        with open(conf_h) as fh:
+            mpiuni = "PETSC_HAVE_MPIUNI" in fh.read()
+    except OSError:
+        mpiuni = None
+    scalar = PETSc.ScalarType
+    return {
+        "pnode": pnode.__version__,
+        "python": platform.python_version(),
+        "torch": f"{torch.__version__} ({torch.get_num_threads()} threads)",
+        "PETSc": ".".join(map(str, PETSc.Sys.getVersion())),
+        "petsc4py": petsc4py.__version__,
+        "PETSC_DIR": cfg["PETSC_DIR"] + (("/" + cfg["PETSC_ARCH"]) if cfg.get("PETSC_ARCH") else ""),
+        "PETSc MPI": "MPIUNI (no MPI!)" if mpiuni else ("MPI" if mpiuni is False else "unknown"),
+        "MPI library": MPI.Get_library_version().strip().splitlines()[0],
+        "mpi4py": __import__("mpi4py").__version__,
+        "COMM_WORLD size": str(PETSc.COMM_WORLD.getSize()),
+        "scalar type": f"{'complex' if 'complex' in str(scalar) else 'real'} "
+        f"({__import__('numpy').dtype(scalar).name})",
+        "precision": __import__("numpy").dtype(PETSc.RealType).name,
+        "index size": f"{__import__('numpy').dtype(PETSc.IntType).itemsize * 8}-bit",
+    }
+
+
+def _method_table() -> str:
+    import pnode
+
+    rows = [("name", "PETSc", "order", "adaptive", "implicit", "IMEX")]
+    for m in pnode.methods():
+        rows.append((m.name, m.petsc, str(m.order), "yes" if m.adaptive else "no",
+                     "yes" if m.implicit else "no", "yes" if m.imex else "no"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    env = environment()
+    width = max(map(len, env))
+    for k, v in env.items():
+        print(f"{k.ljust(width)}  {v}")
+    print()
+    print(_method_table())
+    return 0 if "MPIUNI" not in env["PETSc MPI"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pnode`` console script."""
+    parser = argparse.ArgumentParser(prog="pnode", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="versions, PETSc/MPI build, method table")
+    p_info.set_defaults(run=_cmd_info)
+    args, _petsc_args = parser.parse_known_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
