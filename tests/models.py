@@ -31,4 +31,5 @@ class TupleField(nn.Module):
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / max(b.norm(), 1e-300))
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / max(float(b.norm()), 1e-300))

@@ -161,7 +161,10 @@ class _Call:
 
     def time_gradient(self, solver: TSSolver, t: torch.Tensor, ys: torch.Tensor,
                       g: torch.Tensor, grad_y0: torch.Tensor) -> torch.Tensor:
-        """dL/dt_k = g_k . f(t_k, y_k) for k >= 1 and -lambda_0 . f(t_0, y_0).
+        """dL/dt_k = g_k . f(t_k, y_k) for k >= 1 and -lambda(t_0+) . f(t_0, y_0).
+
+        ``lambda(t_0+)`` is the adjoint just after ``t_0``: the gradient of ``y0``
+        without the direct term ``g_0`` (the output at ``t_0`` is ``y0`` itself).
 
         The continuous-time sensitivity of each output time, evaluated on the
         discrete solution (it differs from the derivative of the discrete map by
@@ -174,7 +177,7 @@ class _Call:
                 for tk, yk in zip(t, ys, strict=True)
             ])
             gt = (g * f).sum(dim=1)
-            gt[0] = -(grad_y0 * f[0]).sum()
+            gt[0] = -((grad_y0 - g[0]) * f[0]).sum()
         return gt.to(t.dtype)
 
     def split_param_grads(self, flat: torch.Tensor) -> list[torch.Tensor]:

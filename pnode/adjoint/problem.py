@@ -109,6 +109,7 @@ class TorchProblem:
         self.error: BaseException | None = None  # first exception raised inside a callback
         self.error_t: float | None = None
         self._ijac_shift = 0.0
+        self.shells: list[_ShellContext] = []
 
     # -- evaluation helpers -------------------------------------------------------------
     def _t(self, t: float) -> torch.Tensor:
@@ -213,10 +214,18 @@ class TorchProblem:
         self._guard(t, body)
 
     def rhs_jacobian(self, ts, t, X, J, P):
+        self._reset_shells("rhs_x")
         self._guard(t, lambda: self._set_point(self.explicit, t, X))
 
     def rhs_jacobian_p(self, ts, t, X, Jp):
+        self._reset_shells("rhs_p")
         self._guard(t, lambda: self._set_point(self.explicit, t, X))
+
+    def zero_rhs(self, ts, t, X, F):
+        F.zeroEntries()
+
+    def noop_jacobian(self, ts, t, X, J, P):
+        pass
 
     # -- PETSc callbacks: implicit form F(t, x, xdot) = xdot - f(t, x) ---------------------
     def ifunction(self, ts, t, X, Xdot, F):
@@ -229,6 +238,8 @@ class TorchProblem:
         self._guard(t, body)
 
     def ijacobian(self, ts, t, X, Xdot, shift, J, P):
+        self._reset_shells("ijac_x")
+
         def body():
             pt = self._set_point(self.implicit, t, X)
             self._ijac_shift = float(shift)
@@ -245,27 +256,57 @@ class TorchProblem:
         self._guard(t, body)
 
     def ijacobian_p(self, ts, t, X, Xdot, shift, Jp):
+        self._reset_shells("ijac_p")
         self._guard(t, lambda: self._set_point(self.implicit, t, X))
 
     # -- shell matrix contexts ------------------------------------------------------------
     def shell(self, kind: str) -> _ShellContext:
-        return _ShellContext(self, kind)
+        ctx = _ShellContext(self, kind)
+        self.shells.append(ctx)
+        return ctx
+
+    def _reset_shells(self, prefix: str) -> None:
+        # A Jacobian callback hands PETSc a fresh operator: forget earlier MatScale/MatShift.
+        for ctx in self.shells:
+            if ctx.kind.startswith(prefix):
+                ctx.alpha, ctx.beta = 1.0, 0.0
 
 
 class _ShellContext:
     """Python context of a MATSHELL; ``kind`` names which Jacobian it represents.
 
     kinds: ``"rhs_x"`` (df/dx of the explicit part), ``"rhs_p"`` (df/dp),
-    ``"ijac_x"`` (shift*I - df/dx of the implicit part), ``"ijac_p"`` (-df/dp).
+    ``"ijac_x"`` (shift*I - df/dx of the implicit part), ``"ijac_p"`` (-df/dp),
+    ``"zero"`` (the zero explicit part of a fully implicit ARK method).
     """
 
     def __init__(self, prob: TorchProblem, kind: str) -> None:
         self.prob = prob
         self.kind = kind
         self.part = prob.explicit if kind.startswith("rhs") else prob.implicit
+        # PETSc may scale and shift an operator in place (e.g. TSTHETA forms
+        # shift*I - J from an RHS Jacobian): the shell represents alpha*A + beta*I.
+        self.alpha, self.beta = 1.0, 0.0
+
+    def scale(self, mat, a):
+        self.alpha *= a
+        self.beta *= a
+
+    def shift(self, mat, a):
+        self.beta += a
+
+    def _finish(self, x, y):
+        if self.alpha != 1.0 or self.beta != 0.0:
+            out = vec_view(y, "w")
+            out.mul_(self.alpha)
+            if self.beta != 0.0:  # only square (state) operators are ever shifted
+                out.add_(vec_view(x), alpha=self.beta)
 
     def mult(self, mat, x, y):
         prob = self.prob
+        if self.kind == "zero":
+            y.zeroEntries()
+            return
 
         def body():
             v = vec_view(x)
@@ -276,12 +317,16 @@ class _ShellContext:
             else:
                 raise NotImplementedError(f"forward product with the {self.kind} Jacobian")
             vec_view(y, "w").copy_(out)
+            self._finish(x, y)
 
         prob._guard(self.part.point.t if self.part.point else 0.0, body)
 
     def multTranspose(self, mat, x, y):
         prob = self.prob
         part = self.part
+        if self.kind == "zero":
+            y.zeroEntries()
+            return
 
         def body():
             v = vec_view(x)
@@ -310,5 +355,6 @@ class _ShellContext:
                     out.copy_(gp)
                 else:
                     torch.neg(gp, out=out)
+            self._finish(x, y)
 
         prob._guard(part.point.t if part.point else 0.0, body)

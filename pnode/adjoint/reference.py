@@ -91,13 +91,13 @@ def _newton(residual: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) 
             r = residual(x)
         if r.abs().max() <= 1e-15 * (1.0 + x.abs().max()):
             break
-        J = torch.autograd.functional.jacobian(lambda z: residual(z).detach(), x)
+        J = torch.autograd.functional.jacobian(residual, x).detach()
         dx = torch.linalg.solve(J, -r)
         x = x + dx
         if dx.abs().max() <= 4e-16 * (1.0 + x.abs().max()):
             break
     x = x.detach()
-    J = torch.autograd.functional.jacobian(lambda z: residual(z).detach(), x)
+    J = torch.autograd.functional.jacobian(residual, x).detach()
     # One Newton correction carrying the graph: d x / d inputs = -J^{-1} dR/d inputs.
     return x - torch.linalg.solve(J, residual(x))
 

@@ -134,8 +134,6 @@ class TSSolver:
             ts.setRKType(method.subtype)
         elif method.ts_type == "arkimex":
             ts.setARKIMEXType(method.subtype)
-            if problem.explicit is None:
-                ts.setARKIMEXFullyImplicit(True)
         elif method.ts_type == "theta":
             ts.setTheta(opts.theta if opts.theta is not None else method.theta)
             ts.setThetaEndpoint(opts.endpoint if opts.endpoint is not None else method.endpoint)
@@ -151,6 +149,16 @@ class TSSolver:
             if n_p:
                 self.Jp_rhs = self._shell(n, n_p, "rhs_p")
                 ts.setRHSJacobianP(problem.rhs_jacobian_p, self.Jp_rhs)
+        elif method.ts_type == "arkimex":
+            # Fully implicit ARK as an additive scheme with a zero explicit part.  Without
+            # an RHS function PETSc runs its DIRK path, which starts each solve from a slope
+            # evaluated at a stale stage time (wrong for time-dependent func); with G = 0
+            # the first explicit stage is f(t_n, y_n) exactly, the scheme is unchanged, and
+            # the adjoint (which assumes that stage) is exact.
+            self.f_rhs = self._vec(n)
+            self.J_rhs = self._shell(n, n, "zero")
+            ts.setRHSFunction(problem.zero_rhs, self.f_rhs)
+            ts.setRHSJacobian(problem.noop_jacobian, self.J_rhs, self.J_rhs)
         if problem.implicit is not None:
             self.f_imp = self._vec(n)
             ts.setIFunction(problem.ifunction, self.f_imp)
