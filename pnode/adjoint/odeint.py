@@ -22,7 +22,7 @@ __all__ = ["odeint", "IMEX", "last_stats", "clear_cache"]
 
 CHECKPOINT_POLICIES = ("stages", "all", "solution")
 _KNOWN_OPTIONS = {"step_size", "first_step", "max_num_steps", "jacobian", "theta", "endpoint",
-                  "ksp_rtol", "snes_rtol"}
+                  "ksp_rtol", "snes_rtol", "jacobian_lag"}
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class IMEX:
 # parameters layout, method and options.  Pools hold no reference to func between calls,
 # so they disappear with it.
 # ---------------------------------------------------------------------------------------
-_lock = threading.Lock()
+_lock = threading.RLock()
 _pools: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _uncached: list[TSSolver] = []
 _last: dict[str, TSSolver] = {}
@@ -143,13 +143,14 @@ class _Call:
                 pool = None
             if pool is not None:
                 for s in pool.get(key, ()):
-                    if not s.busy:
+                    if not s.busy and not s.broken:
                         solver = s
                         break
             if solver is None:
                 solver = self._new_solver()
                 if pool is not None:
-                    pool.setdefault(key, []).append(solver)
+                    solver.pool = pool.setdefault(key, [])
+                    solver.pool.append(solver)
                     if len(pool) == 1:
                         weakref.finalize(owner, _destroy_pool, pool)
                 else:
@@ -204,6 +205,11 @@ def _release(solver: TSSolver) -> None:
     solver.busy = False
     if solver in _uncached:
         _uncached.remove(solver)
+        solver.destroy()
+    elif solver.broken:
+        with _lock:
+            if solver.pool is not None and solver in solver.pool:
+                solver.pool.remove(solver)
         solver.destroy()
 
 
@@ -300,6 +306,9 @@ def _build_options(method: Method, rtol, atol, options, checkpoint, petsc_option
             raise ValueError(f"options['theta'] must be in (0, 1], got {theta!r}")
     if "endpoint" in options and method.ts_type != "theta":
         raise ValueError("options['endpoint'] applies to method='theta' only")
+    lag = options.get("jacobian_lag", 100)
+    if not (isinstance(lag, int) and lag >= 1):
+        raise ValueError(f"options['jacobian_lag'] must be an int >= 1, got {lag!r}")
     if imex and not method.imex:
         raise ValueError(
             f"func is a pnode.IMEX split, but method {method.name!r} is not an IMEX method; "
@@ -326,6 +335,7 @@ def _build_options(method: Method, rtol, atol, options, checkpoint, petsc_option
         checkpoint=policy, jacobian=jac, theta=theta, endpoint=options.get("endpoint"),
         ksp_rtol=float(options.get("ksp_rtol", 1e-12)),
         snes_rtol=float(options.get("snes_rtol", 1e-10)), petsc_options=popts,
+        jacobian_lag=lag,
     )
 
 
@@ -365,7 +375,10 @@ def odeint(
         ``step_size`` (fixed steps), ``first_step``, ``max_num_steps``,
         ``jacobian`` (``"auto"``: dense LU up to 1024 unknowns, else ``"matfree"``
         GMRES), ``theta``/``endpoint`` (method ``"theta"``), ``ksp_rtol``
-        (matrix-free linear solves, default 1e-12), ``snes_rtol`` (default 1e-10).
+        (matrix-free linear solves, default 1e-12), ``snes_rtol`` (default 1e-10),
+        ``jacobian_lag`` (forward Newton recomputes the Jacobian every that many
+        iterations of a stage solve; default 100, i.e. once per stage; the adjoint
+        always uses exact stage Jacobians).
     adjoint_params : sequence of Tensor, optional
         Tensors to differentiate; by default the parameters of ``func`` if it
         is (or is bound to) an ``nn.Module``.

@@ -195,12 +195,17 @@ class TorchProblem:
         return tangent
 
     def _dense_jacobian(self, part: _Part, pt: _LinPoint) -> torch.Tensor:
-        t = self._t(pt.t)
+        """df/dx at the point, by one batched backward pass over the identity.
 
-        def f(z):
-            return self.spec.check_output(part.func(t, self.spec.unflatten(z)), part.name)
-
-        jac = torch.autograd.functional.jacobian(f, self._x(pt.x), vectorize=True)
+        The forward graph is kept on the point, so the parameter products PETSc
+        asks for next at the same stage reuse it.
+        """
+        xr, out = self._graph(part, pt)
+        eye = torch.eye(self.n, dtype=out.dtype)
+        try:
+            (jac,) = torch.autograd.grad(out, xr, eye, retain_graph=True, is_grads_batched=True)
+        except RuntimeError:  # an op without a batching rule: one vjp per row
+            jac = torch.stack([torch.autograd.grad(out, xr, e, retain_graph=True)[0] for e in eye])
         self.counters.jacobians += 1
         return jac.to(torch.float64)
 

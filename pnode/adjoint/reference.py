@@ -127,6 +127,7 @@ def odeint_reference(
     *,
     method: str,
     step_times: torch.Tensor | Sequence[float],
+    output_steps: Sequence[int] | None = None,
     theta: float | None = None,
     endpoint: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -144,6 +145,9 @@ def odeint_reference(
         A pnode method name with a tableau here (explicit RK) or a theta scheme.
     step_times : sequence of float
         All step boundaries ``t_0 < t_1 < ... < t_M`` (e.g. ``stats.step_times``).
+    output_steps : sequence of int, optional
+        Index in ``step_times`` of each output (``stats.output_steps``); by default
+        each output time must equal a step time.
     theta, endpoint : optional
         Override the theta and the form of ``"theta"`` (as ``options`` of :func:`pnode.odeint`).
 
@@ -155,7 +159,9 @@ def odeint_reference(
     Examples
     --------
     >>> ys = pnode.odeint(f, y0, t, method="rk4", options={"step_size": 0.1})
-    >>> ref = odeint_reference(f, y0, t, method="rk4", step_times=pnode.last_stats().step_times)
+    >>> st = pnode.last_stats()
+    >>> ref = odeint_reference(f, y0, t, method="rk4", step_times=st.step_times,
+    ...                        output_steps=st.output_steps)
     """
     m = resolve_method(method)
     spec = StateSpec.from_state(y0)
@@ -183,14 +189,20 @@ def odeint_reference(
     else:
         raise ValueError(f"no reference implementation for {method!r} ({m.petsc})")
 
-    ys = []
-    k = 0
+    if output_steps is None:
+        index = {tn: i for i, tn in enumerate(times)}
+        missing = [tk for tk in outs if tk not in index]
+        if missing:
+            raise ValueError(f"output times {missing} are not among the step times; "
+                             "pass output_steps")
+        output_steps = [index[tk] for tk in outs]
+    wanted = {}
+    for k, i in enumerate(output_steps):
+        wanted.setdefault(int(i), []).append(k)
+    ys: list = [None] * len(outs)
     for i, tn in enumerate(times):
-        while k < len(outs) and outs[k] == tn:
-            ys.append(y)
-            k += 1
+        for k in wanted.get(i, ()):
+            ys[k] = y
         if i + 1 < len(times):
             y = step(tn, y, times[i + 1] - tn)
-    if k != len(outs):
-        raise ValueError(f"output time {outs[k]} is not among the step times")
     return spec.unflatten(torch.stack(ys))

@@ -53,6 +53,7 @@ class SolveOptions:
     endpoint: bool | None = None
     ksp_rtol: float = 1e-12
     snes_rtol: float = 1e-10
+    jacobian_lag: int = 100
     petsc_options: tuple[tuple[str, str], ...] = ()
     options_prefix: str = "pnode_"
 
@@ -72,6 +73,8 @@ class SolveStats:
     step_times : list of float
         All step boundaries ``t_0 < ... < t_M``; replaying them with
         :func:`pnode.adjoint.reference.odeint_reference` reproduces the scheme.
+    output_steps : list of int
+        Index into ``step_times`` of each output time.
     rhs_evals, jvps, vjps, jacobians : int
         Right-hand side evaluations, Jacobian-vector products, vector-Jacobian
         products and dense Jacobian assemblies.
@@ -85,6 +88,7 @@ class SolveStats:
     steps: int = 0
     rejected: int = 0
     step_times: list[float] = field(default_factory=list)
+    output_steps: list[int] = field(default_factory=list)
     rhs_evals: int = 0
     jvps: int = 0
     vjps: int = 0
@@ -118,9 +122,10 @@ class TSSolver:
         self.comm = comm or PETSc.COMM_SELF
         self.fixed = opts.step_size is not None or not method.adaptive
         self.busy = False  # a forward trajectory waits for its adjoint
-        self._dirty = False  # trajectory holds data no adjoint consumed
+        self.broken = False  # a PETSc error left the objects unusable: rebuild
+        self.pool: list | None = None  # the cache list holding this solver
         self._objs: list = []
-        self._step_times: dict[int, float] = {}
+        self._steps: list[tuple[int, float]] = []
         self.stats = SolveStats(method.name)
         n, n_p = problem.n, problem.n_params
         self.n, self.n_params = n, n_p
@@ -181,7 +186,6 @@ class TSSolver:
         ts.setMonitor(self._monitor)
         if not self.fixed:
             ts.setTolerances(rtol=opts.rtol, atol=opts.atol)
-        ts.setSaveTrajectory()
         self._configure()
 
     # -- construction helpers -----------------------------------------------------------
@@ -202,12 +206,17 @@ class TSSolver:
         """pnode's default PETSc options for this solver (the command line overrides them)."""
         d = {
             "ts_trajectory_type": "memory",
+            # TSHistory re-sorts all step times on every step (quadratic in the step count);
+            # the adjoint does not use it.
+            "ts_trajectory_use_history": "0",
             "ts_trajectory_solution_only": "1" if self.opts.checkpoint == "solution" else "0",
             "ts_adapt_type": "none" if self.fixed else "basic",
         }
         if self.problem.implicit is not None:
+            # Forward Newton re-uses the Jacobian within one stage solve (modified Newton);
+            # the adjoint needs the exact Jacobian at every stage and forces a lag of 1.
             d.update({"snes_rtol": repr(self.opts.snes_rtol), "snes_atol": "1e-14",
-                      "snes_max_it": "50"})
+                      "snes_max_it": "50", "snes_lag_jacobian": str(self.opts.jacobian_lag)})
             if self.problem.dense:
                 d.update({"ksp_type": "preonly", "pc_type": "lu"})
             else:
@@ -226,7 +235,8 @@ class TSSolver:
         pre = self.opts.options_prefix
         added = []
         for k, v in self._defaults().items():
-            name = pre + k
+            # TSTrajectory reads its options without the TS prefix (petsc4py cannot set one).
+            name = k if k.startswith("ts_trajectory_") else pre + k
             if not db.hasName(name):
                 db.setValue(name, v)
                 added.append(name)
@@ -239,7 +249,36 @@ class TSSolver:
     def _configure(self) -> None:
         with self._options():
             self.ts.setFromOptions()
-        self._dirty = False
+        self._adjoint_mode = False
+
+    def _set_adjoint_mode(self, on: bool) -> None:
+        """Switch SNES Jacobian lagging off for the adjoint sweep, and back.
+
+        TSAdjoint computes stage Jacobians through SNESComputeJacobian, which honours
+        ``snes_lag_jacobian``: a lagged (stale) Jacobian there would make the gradient
+        wrong, so the adjoint always runs with lag 1, whatever the options say.
+        """
+        if self.problem.implicit is None or on == self._adjoint_mode:
+            return
+        snes = self.ts.getSNES()
+        if on:
+            db, pre = PETSc.Options(), self.opts.options_prefix
+            saved = {k: db.getString(pre + k) if db.hasName(pre + k) else None
+                     for k in ("snes_lag_jacobian", "snes_lag_preconditioner")}
+            for k in saved:
+                db.setValue(pre + k, "1")
+            try:
+                snes.setFromOptions()
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        db.delValue(pre + k)
+                    else:
+                        db.setValue(pre + k, v)
+        else:
+            with self._options():
+                snes.setFromOptions()
+        self._adjoint_mode = on
 
     def destroy(self) -> None:
         """Destroy the PETSc objects (one owner, explicit destruction)."""
@@ -248,16 +287,30 @@ class TSSolver:
         self._objs.clear()
 
     # -- forward --------------------------------------------------------------------------
-    def _monitor(self, ts, step, t, u) -> None:
-        self._step_times[step] = t
+    def _to_next_output(self, ts) -> None:
+        k = len(self._steps)  # steps taken so far, +1 (the monitor has not seen this one yet)
+        if k < len(self._grid) - 1:
+            ts.setTimeStep(self._grid[k + 1] - self._grid[k])
 
-    def _fail(self, phase: str, t_target: float) -> None:
-        """Turn a failed PETSc solve into the right Python exception."""
+    def _monitor(self, ts, step, t, u) -> None:
+        if step > self._steps[-1][0]:
+            self._steps.append((step, t))
+
+    def _fail(self, phase: str, t_target: float, petsc_error: Exception | None = None) -> None:
+        """Turn a failed PETSc solve into the right Python exception.
+
+        An error raised inside a PETSc call can leave its objects half-way (e.g.
+        vectors still locked), so the solver is marked broken: its pool destroys
+        it and the next call builds a fresh one.
+        """
         prob = self.problem
         err, err_t = prob.error, prob.error_t
         prob.reset_error()
-        self._configure()  # drop the partial trajectory; the solver stays usable
         self.busy = False
+        if petsc_error is not None:
+            self.broken = True
+        else:
+            self._configure()  # drop the partial trajectory; the solver stays usable
         steps = self.ts.getStepNumber()
         if isinstance(err, FloatingPointError):
             raise SolverError(
@@ -268,6 +321,9 @@ class TSSolver:
             raise err
         reason = self.ts.getConvergedReason()
         t_now = self.ts.getTime()
+        if petsc_error is not None and reason >= 0:
+            raise SolverError(f"{phase} solve stopped by a PETSc error: {petsc_error}", t=t_now,
+                              reason="PETSC_ERROR", steps=steps, phase=phase) from None
         if reason >= 0:
             msg = (f"stopped before reaching t={t_target:.6g}: max_num_steps="
                    f"{self.opts.max_num_steps} reached; raise options['max_num_steps'] or loosen "
@@ -303,44 +359,55 @@ class TSSolver:
             ``[len(t), n]`` float64 solutions.
         """
         ts, prob = self.ts, self.problem
-        if self._dirty:
-            self._configure()
+        # A fresh trajectory per forward solve: PETSc's memory trajectory is not built to be
+        # replayed twice (reusing it after an adjoint sweep can read freed stack entries).
+        # Without a following adjoint no trajectory is kept at all.
+        ts.removeTrajectory()
+        if record:
+            ts.setSaveTrajectory()
+        self._configure()
         prob.reset_error()
         c0 = (prob.counters.rhs, prob.counters.jvp, prob.counters.vjp, prob.counters.jacobians)
         start = _time.perf_counter()
         tt = t.tolist()
-        ys = torch.empty(len(tt), self.n, dtype=torch.float64)
-        ys[0] = y0
         vec_view(self.x, "w").copy_(y0)
         ts.setTime(tt[0])
         ts.setStepNumber(0)
-        self._step_times = {0: tt[0]}
-        self.seg_steps = [0]
-        self._dirty = True
-        if not self.fixed:
+        ts.setMaxTime(tt[-1])
+        # One TSSolve through all output times: TSAdapt shortens the step that would pass an
+        # evaluation time so that a step ends there (the memory trajectory needs one
+        # uninterrupted solve; a solve that ends early would not record its last step).
+        ts.setEvaluationTimes(tt)
+        self._steps = [(0, tt[0])]
+        if self.fixed:
+            h = self.opts.step_size
+            ts.setTimeStep(h if h is not None else tt[1] - tt[0])
+            if h is None:  # one step per output interval, as torchdiffeq's fixed-grid solvers
+                self._grid = tt
+                ts.setPostStep(self._to_next_output)
+        else:
             h0 = self.opts.first_step or self._initial_step(tt[0], y0, tt[-1] - tt[0])
             ts.setTimeStep(min(h0, tt[1] - tt[0]))
-        newton = ksp = rejected = 0
-        for k in range(1, len(tt)):
-            ts.setMaxTime(tt[k])
-            if self.fixed:
-                h = self.opts.step_size if self.opts.step_size is not None else tt[k] - tt[k - 1]
-                ts.setTimeStep(h)
-            try:
-                ts.solve(self.x)
-            except PETSc.Error:
-                self._fail("forward", tt[k])
-            if prob.error is not None or ts.getConvergedReason() < 0 or ts.getTime() != tt[k]:
-                self._fail("forward", tt[k])
-            ys[k] = vec_view(self.x)
-            self.seg_steps.append(ts.getStepNumber())
-            newton += ts.getSNESIterations()
-            ksp += ts.getKSPIterations()
-            rejected += ts.getStepRejections()
-        # The final TS time is set to t[-1] exactly; record the step times as PETSc took them.
+        try:
+            ts.solve(self.x)
+        except PETSc.Error as exc:
+            self._fail("forward", tt[-1], exc)
+        if prob.error is not None or ts.getConvergedReason() < 0:
+            self._fail("forward", tt[-1])
+        sol_times, sol_vecs = ts.getEvaluationSolutions()
+        if len(sol_times) != len(tt):
+            self._fail("forward", tt[len(sol_times)] if len(sol_times) < len(tt) else tt[-1])
+        ys = torch.stack([vec_view(v) for v in sol_vecs]).clone()
+        # Step index of each output: the monitor saw the same ts->ptime values PETSc stored.
+        step_of = {time: step for step, time in self._steps}
+        self.seg_steps = [step_of[float(s)] for s in sol_times]
+        if self.seg_steps[0] != 0 or self.seg_steps[-1] != ts.getStepNumber():
+            raise AssertionError("internal: evaluation times do not match step boundaries")
+        newton, ksp, rejected = ts.getSNESIterations(), ts.getKSPIterations(), ts.getStepRejections()
         st = self.stats = SolveStats(self.method.name)
         st.steps = self.seg_steps[-1]
-        st.step_times = [self._step_times[i] for i in range(st.steps + 1)]
+        st.step_times = [time for _, time in self._steps]
+        st.output_steps = list(self.seg_steps)
         st.rejected = rejected
         st.newton_iters, st.ksp_iters = newton, ksp
         st.rhs_evals = prob.counters.rhs - c0[0]
@@ -348,9 +415,11 @@ class TSSolver:
         st.jacobians = prob.counters.jacobians - c0[3]
         st.forward_seconds = _time.perf_counter() - start
         self.busy = record
-        if not record:
-            self._dirty = True
         return ys
+
+    def _adjoint_finite(self) -> bool:
+        ok = bool(torch.isfinite(vec_view(self.lam)).all())
+        return ok and (not self.n_params or bool(torch.isfinite(vec_view(self.mu)).all()))
 
     def _initial_step(self, t0: float, y0: torch.Tensor, span: float) -> float:
         """Starting step for adaptive solves (Hairer, Norsett & Wanner, Sec. II.4).
@@ -408,6 +477,7 @@ class TSSolver:
         """
         ts, prob = self.ts, self.problem
         prob.reset_error()
+        self._set_adjoint_mode(True)
         v0 = prob.counters.vjp
         start = _time.perf_counter()
         lam = vec_view(self.lam, "w")
@@ -423,13 +493,19 @@ class TSSolver:
                     reason = ts.getConvergedReason()
                     if prob.error is not None or reason < 0:
                         self._fail("adjoint", self.stats.step_times[self.seg_steps[k - 1]])
+                    if not self._adjoint_finite():
+                        self.busy = False
+                        self._configure()
+                        raise SolverError(
+                            "adjoint solve produced NaN/Inf (a singular or ill-conditioned "
+                            "Jacobian on the trajectory?)", t=ts.getTime(),
+                            reason="DIVERGED_NONFINITE", steps=ts.getStepNumber(), phase="adjoint")
                 lam = vec_view(self.lam, "w")
                 lam.add_(grad_ys[k - 1])
-        except PETSc.Error:
-            self._fail("adjoint", float("nan"))
+        except PETSc.Error as exc:
+            self._fail("adjoint", float("nan"), exc)
         finally:
             self.busy = False
-        self._dirty = False
         grad_y0 = vec_view(self.lam).clone()
         grad_p = vec_view(self.mu).clone() if self.n_params else torch.zeros(0, dtype=torch.float64)
         self.stats.vjps = prob.counters.vjp - v0
