@@ -135,11 +135,16 @@ class TSSolver:
         ts.setOptionsPrefix(opts.options_prefix)
         ts.setProblemType(PETSc.TS.ProblemType.NONLINEAR)
         ts.setType(method.ts_type)
-        if method.ts_type == "rk":
-            ts.setRKType(method.subtype)
-        elif method.ts_type == "arkimex":
-            ts.setARKIMEXType(method.subtype)
-        elif method.ts_type == "theta":
+        try:
+            if method.ts_type == "rk":
+                ts.setRKType(method.subtype)
+            elif method.ts_type == "arkimex":
+                ts.setARKIMEXType(method.subtype)
+        except PETSc.Error:
+            ts.destroy()
+            raise ValueError(f"PETSc has no {method.ts_type.upper()} tableau named "
+                             f"{method.subtype!r} (method {method.name!r})") from None
+        if method.ts_type == "theta":
             ts.setTheta(opts.theta if opts.theta is not None else method.theta)
             ts.setThetaEndpoint(opts.endpoint if opts.endpoint is not None else method.endpoint)
 

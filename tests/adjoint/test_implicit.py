@@ -42,8 +42,9 @@ def test_theta_methods_match_reference(method, options):
     st = pnode.last_stats()
     w = torch.randn_like(ys)
     g = torch.autograd.grad((ys * w).sum(), [y0, *params])
-    ref = odeint_reference(func, y0, T, method=method, step_times=st.step_times, output_steps=st.output_steps,
-                           theta=options.get("theta"), endpoint=options.get("endpoint"))
+    ref = odeint_reference(func, y0, T, method=method, step_times=st.step_times,
+                           output_steps=st.output_steps, theta=options.get("theta"),
+                           endpoint=options.get("endpoint"))
     r = torch.autograd.grad((ref * w).sum(), [y0, *params])
     assert rel_err(ys, ref) < 1e-11
     tol = 1e-9 if options.get("jacobian") == "matfree" else 1e-10
