@@ -8,7 +8,7 @@ VENV=${PNODE_VENV:-$ROOT/.venv}
 export PATH="$VENV/bin:$PATH" OMP_NUM_THREADS=1
 
 echo "== ruff"
-"$VENV/bin/ruff" check pnode tests benchmarks examples
+"$VENV/bin/ruff" check pnode tests benchmarks
 
 echo "== serial tests"
 "$VENV/bin/python" -m pytest -q -m "not mpi" --timeout=900 tests "$@"

@@ -1,0 +1,138 @@
+"""Engine micro-benchmarks: per-callback overhead and resident memory over many iterations.
+
+Run: ``.venv/bin/python -m benchmarks.engine [--iterations 1000]``.  Prints
+markdown tables; medians over repeats, one thread, float64.
+
+- Overhead: time per right-hand side callback inside TSSolve minus the time of
+  calling ``func`` directly (the PETSc <-> Python <-> torch glue), and the same
+  for the vector-Jacobian products of TSAdjointSolve.
+- Memory: resident set size during repeated training iterations (solver reuse
+  must keep it flat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import resource
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import pnode
+
+
+def _mlp(dim=32, width=128):
+    net = nn.Sequential(nn.Linear(dim, width), nn.Tanh(), nn.Linear(width, dim)).double()
+
+    class F(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, t, y):
+            return self.net(y)
+
+    return F()
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        s = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - s)
+    return statistics.median(times)
+
+
+def overhead(batch: int, steps: int, repeats: int) -> list[tuple[str, float]]:
+    func = _mlp()
+    y0 = torch.randn(batch, 32, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    opts = {"method": "rk4", "options": {"step_size": 1.0 / steps}}
+
+    def fwd():
+        with torch.no_grad():
+            pnode.odeint(func, y0, t, **opts)
+
+    def fwd_bwd():
+        y = y0.clone().requires_grad_()
+        pnode.odeint(func, y, t, **opts)[-1].sum().backward()
+
+    fwd()
+    fwd_bwd()
+    st = pnode.last_stats()
+    n_rhs, n_vjp = st.rhs_evals, st.vjps
+    t_fwd = _median_time(fwd, repeats)
+    t_all = _median_time(fwd_bwd, repeats)
+    tt = torch.tensor(0.5, dtype=torch.float64)
+    with torch.no_grad():
+        t_eval = _median_time(lambda: [func(tt, y0) for _ in range(100)], repeats) / 100
+
+    params = list(func.parameters())
+    v = torch.randn_like(y0)
+
+    def vjp():
+        x = y0.detach().requires_grad_()
+        torch.autograd.grad(func(tt, x), [x, *params], v)
+
+    t_vjp = _median_time(lambda: [vjp() for _ in range(100)], repeats) / 100
+    t_adj = t_all - t_fwd
+    return [
+        ("RHS callbacks per solve", n_rhs),
+        ("func call, direct (us)", 1e6 * t_eval),
+        ("RHS callback in TSSolve (us)", 1e6 * t_fwd / n_rhs),
+        ("overhead per RHS callback (us)", 1e6 * (t_fwd / n_rhs - t_eval)),
+        ("vjp callbacks per adjoint", n_vjp),
+        ("vjp, direct autograd (us)", 1e6 * t_vjp),
+        ("vjp in TSAdjointSolve (us)", 1e6 * t_adj / n_vjp),
+        ("overhead per vjp (us)", 1e6 * (t_adj / n_vjp - t_vjp)),
+    ]
+
+
+def memory(iterations: int) -> list[tuple[int, float]]:
+    func = _mlp(dim=8, width=32)
+    opt = torch.optim.SGD(func.parameters(), lr=1e-3)
+    y0 = torch.randn(16, 8, dtype=torch.float64)
+    t = torch.linspace(0, 1, 4, dtype=torch.float64)
+    rows = []
+    for i in range(1, iterations + 1):
+        opt.zero_grad()
+        pnode.odeint(func, y0, t, method="dopri5", rtol=1e-6).pow(2).mean().backward()
+        opt.step()
+        if i in (10, 100, iterations // 2, iterations):
+            rows.append((i, _rss_mib()))
+    return rows
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--iterations", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, date "
+          f"{datetime.date.today()}, torch {torch.__version__}, 1 thread\n")
+    for batch in (1, 64):
+        print(f"### Engine overhead: MLP 32-128-32, batch {batch}, RK4, 100 steps\n")
+        print("| quantity | value |\n|---|---|")
+        for k, v in overhead(batch, 100, args.repeats):
+            print(f"| {k} | {v:.1f} |" if isinstance(v, float) else f"| {k} | {v} |")
+        print()
+    print(f"### Resident memory over {args.iterations} training iterations (dopri5)\n")
+    print("| iteration | RSS (MiB) |\n|---|---|")
+    for i, m in memory(args.iterations):
+        print(f"| {i} | {m:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
