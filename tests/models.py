@@ -3,18 +3,9 @@
 import torch
 from torch import nn
 
+from pnode.models import TimeMLP
 
-class TimeMLP(nn.Module):
-    """A time-dependent MLP f(t, y) = W2 tanh(W1 y + b1 + t c) + b2."""
-
-    def __init__(self, dim: int = 3, width: int = 16) -> None:
-        super().__init__()
-        self.l1 = nn.Linear(dim, width)
-        self.c = nn.Parameter(torch.randn(width) * 0.5)
-        self.l2 = nn.Linear(width, dim)
-
-    def forward(self, t, y):
-        return self.l2(torch.tanh(self.l1(y) + t * self.c))
+__all__ = ["TimeMLP", "TupleField", "rel_err"]
 
 
 class TupleField(nn.Module):

@@ -190,18 +190,12 @@ class _Call:
 
 
 def _release(solver: TSSolver) -> None:
+    """Return a solver to its pool, dropping every reference to the caller's func."""
     prob = solver.problem
-    if prob.explicit is not None:
-        prob.explicit.func = None
-    if prob.implicit is not None:
-        prob.implicit.func = None
+    for part in (prob.explicit, prob.implicit):
+        if part is not None:
+            part.func = part.point = part.last_point = None
     prob.params = []
-    prob.explicit and setattr(prob.explicit, "point", None)
-    prob.implicit and setattr(prob.implicit, "point", None)
-    if prob.explicit is not None:
-        prob.explicit.last_point = None
-    if prob.implicit is not None:
-        prob.implicit.last_point = None
     solver.busy = False
     if solver in _uncached:
         _uncached.remove(solver)
@@ -420,8 +414,6 @@ def odeint(
     m = resolve_method(method)
     opts = _build_options(m, rtol, atol, options, checkpoint, petsc_options,
                           isinstance(func, IMEX))
-    if m.implicit and isinstance(func, IMEX) is False and m.ts_type == "rk":
-        raise AssertionError("internal: rk methods are explicit")
     params = _collect_params(func, adjoint_params)
 
     # 2. normalise: flat state, times in the state's dtype for func
