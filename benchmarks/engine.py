@@ -93,6 +93,27 @@ def overhead(batch: int, steps: int, repeats: int) -> list[tuple[str, float]]:
     ]
 
 
+def jacobian_strategies(batches=(16, 64, 256), repeats=3) -> list[tuple[int, int, str, float]]:
+    """Forward + adjoint time of a batched implicit solve for each Jacobian strategy."""
+    from pnode.models import TimeMLP
+
+    rows = []
+    for batch in batches:
+        torch.manual_seed(0)
+        func = TimeMLP(4, 32).double()
+        y0 = torch.randn(batch, 4, dtype=torch.float64)
+        t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+        for jac in ("dense", "blocks", "matfree"):
+            def run(func=func, y0=y0, t=t, jac=jac):
+                y = y0.clone().requires_grad_()
+                pnode.odeint(func, y, t, method="trapezoid",
+                             options={"step_size": 0.05, "jacobian": jac})[-1].sum().backward()
+
+            run()
+            rows.append((batch, 4 * batch, jac, _median_time(run, repeats)))
+    return rows
+
+
 def memory(iterations: int) -> list[tuple[int, float]]:
     func = _mlp(dim=8, width=32)
     opt = torch.optim.SGD(func.parameters(), lr=1e-3)
@@ -128,6 +149,12 @@ def main() -> None:
         for k, v in overhead(batch, 100, args.repeats):
             print(f"| {k} | {v:.1f} |" if isinstance(v, float) else f"| {k} | {v} |")
         print()
+    print("### Implicit Jacobian strategies: TimeMLP(4, 32), trapezoid, 20 steps, "
+          "forward + adjoint\n")
+    print("| batch | unknowns | jacobian | seconds |\n|---|---|---|---|")
+    for b, n, jac, sec in jacobian_strategies():
+        print(f"| {b} | {n} | {jac} | {sec:.3f} |")
+    print()
     print(f"### Resident memory over {args.iterations} training iterations (dopri5)\n")
     print("| iteration | RSS (MiB) |\n|---|---|")
     for i, m in memory(args.iterations):

@@ -101,12 +101,15 @@ class _Call:
         self.func, self.spec, self.params, self.method, self.opts = func, spec, params, method, opts
         self.imex = isinstance(func, IMEX)
         if opts.jacobian == "auto":
-            self.dense = spec.size <= DENSE_JACOBIAN_MAX
+            self.jacobian = "dense" if spec.size <= DENSE_JACOBIAN_MAX else "matfree"
         else:
-            self.dense = opts.jacobian == "dense"
+            self.jacobian = opts.jacobian
+        if self.jacobian == "blocks" and (spec.is_tuple or len(spec.shapes[0]) < 2):
+            raise ValueError("options['jacobian']='blocks' needs a single state tensor of shape "
+                             "[batch, ...]; got " + ", ".join(str(tuple(s)) for s in spec.shapes))
         self.key = (
             method, spec.shapes, spec.is_tuple, spec.dtype,
-            tuple((tuple(p.shape), p.dtype) for p in params), opts, self.dense, self.imex,
+            tuple((tuple(p.shape), p.dtype) for p in params), opts, self.jacobian, self.imex,
         )
 
     def _parts(self):
@@ -120,7 +123,7 @@ class _Call:
     def _new_solver(self) -> TSSolver:
         explicit, implicit = self._parts()
         prob = TorchProblem(self.spec, self.params, explicit=explicit, implicit=implicit,
-                            dense_jacobian=self.dense)
+                            jacobian=self.jacobian)
         return TSSolver(prob, self.method, self.opts)
 
     def _bind(self, solver: TSSolver) -> None:
@@ -290,8 +293,9 @@ def _build_options(method: Method, rtol, atol, options, checkpoint, petsc_option
     if not (isinstance(max_steps, int) and max_steps > 0):
         raise ValueError(f"options['max_num_steps'] must be a positive int, got {max_steps!r}")
     jac = options.get("jacobian", "auto")
-    if jac not in ("auto", "dense", "matfree"):
-        raise ValueError(f"options['jacobian'] must be 'auto', 'dense' or 'matfree', got {jac!r}")
+    if jac not in ("auto", "dense", "blocks", "matfree"):
+        raise ValueError("options['jacobian'] must be 'auto', 'dense', 'blocks' or 'matfree', "
+                         f"got {jac!r}")
     theta = options.get("theta")
     if theta is not None:
         if method.ts_type != "theta":
@@ -367,8 +371,10 @@ def odeint(
         Tolerances of adaptive methods (PETSc TSAdapt).
     options : dict, optional
         ``step_size`` (fixed steps), ``first_step``, ``max_num_steps``,
-        ``jacobian`` (``"auto"``: dense LU up to 1024 unknowns, else ``"matfree"``
-        GMRES), ``theta``/``endpoint`` (method ``"theta"``), ``ksp_rtol``
+        ``jacobian`` (``"auto"``: dense LU up to 256 unknowns, else ``"matfree"``
+        GMRES; ``"blocks"``: per-sample dense blocks with block LU, for a state of
+        shape ``[batch, ...]`` whose samples func treats independently),
+        ``theta``/``endpoint`` (method ``"theta"``), ``ksp_rtol``
         (matrix-free linear solves, default 1e-12), ``snes_rtol`` (default 1e-10),
         ``jacobian_lag`` (forward Newton recomputes the Jacobian every that many
         iterations of a stage solve; default 100, i.e. once per stage; the adjoint

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from petsc4py import PETSc
 
@@ -79,9 +80,10 @@ class TorchProblem:
         Right-hand side integrated explicitly (TSRK, or the explicit half of IMEX).
     implicit : callable or None
         Right-hand side integrated implicitly (IFunction ``ydot - f(t, y)``).
-    dense_jacobian : bool
-        Assemble the implicit Jacobian densely (direct LU) instead of a
-        matrix-free shell (Krylov).
+    jacobian : str
+        ``"dense"``: assemble the implicit Jacobian (direct LU); ``"blocks"``:
+        assemble its per-sample diagonal blocks (the state's first axis is a batch
+        of independent samples; block LU); ``"matfree"``: shell operator (Krylov).
     """
 
     def __init__(
@@ -91,13 +93,17 @@ class TorchProblem:
         *,
         explicit: Callable | None,
         implicit: Callable | None,
-        dense_jacobian: bool,
+        jacobian: str,
     ) -> None:
         self.spec = spec
         self.params = list(params)
         self.n = spec.size
         self.n_params = sum(p.numel() for p in self.params)
-        self.dense = dense_jacobian
+        self.jacobian = jacobian
+        self.dense = jacobian == "dense"
+        self.batch = spec.shapes[0][0] if jacobian == "blocks" else 1
+        self.block = self.n // self.batch
+        self._blocks_checked = False
         self.explicit = _Part(explicit, "func") if explicit is not None else None
         self.implicit = (
             _Part(implicit, "IMEX implicit func" if explicit is not None else "func")
@@ -209,6 +215,36 @@ class TorchProblem:
         self.counters.jacobians += 1
         return jac.to(torch.float64)
 
+    def _block_jacobian(self, part: _Part, pt: _LinPoint) -> torch.Tensor:
+        """Per-sample blocks ``[B, d, d]`` of df/dx, by d batched backward passes.
+
+        Valid when func treats the samples of the first axis independently (no
+        batch statistics); that is checked once per solver against a full vjp.
+        """
+        xr, out = self._graph(part, pt)
+        B, d = self.batch, self.block
+        seeds = torch.eye(d, dtype=out.dtype).unsqueeze(1).expand(d, B, d).reshape(d, -1)
+        (rows,) = torch.autograd.grad(out, xr, seeds, retain_graph=True, is_grads_batched=True)
+        blocks = rows.reshape(d, B, d).transpose(0, 1).to(torch.float64)  # [B, i, j] = df_i/dx_j
+        self.counters.jacobians += 1
+        if not self._blocks_checked:
+            v = torch.randn(self.n, dtype=out.dtype)
+            (full,) = torch.autograd.grad(out, xr, v, retain_graph=True)
+            approx = torch.einsum("bij,bi->bj", blocks, v.reshape(B, d).to(torch.float64))
+            err = float((approx.reshape(-1) - full.to(torch.float64)).norm())
+            if err > 1e-8 * max(float(full.norm()), 1e-300):
+                raise ValueError(
+                    "options['jacobian']='blocks' needs a func that treats the samples of the "
+                    "state's first axis independently, but this func couples them (e.g. batch "
+                    "statistics); use jacobian='dense' or 'matfree'")
+            self._blocks_checked = True
+        return blocks
+
+    @property
+    def _block_csr(self):
+        it = PETSc.IntType
+        return np.arange(self.batch + 1, dtype=it), np.arange(self.batch, dtype=it)
+
     # -- PETSc callbacks: explicit right-hand side ----------------------------------------
     def rhs_function(self, ts, t, X, F):
         def body():
@@ -255,8 +291,12 @@ class TorchProblem:
                 A.copy_(-jac)
                 A.diagonal().add_(float(shift))
                 P.assemble()
-                if J != P:
-                    J.assemble()
+            elif self.jacobian == "blocks":
+                blocks = -self._block_jacobian(self.implicit, pt)
+                blocks.diagonal(dim1=1, dim2=2).add_(float(shift))
+                P.setValuesBlockedCSR(self._block_csr[0], self._block_csr[1],
+                                      blocks.reshape(-1).numpy())
+                P.assemble()
 
         self._guard(t, body)
 

@@ -25,8 +25,9 @@ from .problem import TorchProblem, vec_view
 
 __all__ = ["SolveOptions", "SolveStats", "TSSolver", "reason_name"]
 
-# Systems up to this size get an assembled dense Jacobian and a direct (LU) solve.
-DENSE_JACOBIAN_MAX = 1024
+# Systems up to this size get an assembled dense Jacobian and a direct (LU) solve
+# (measured in benchmarks/engine.py: dense wins up to ~256 unknowns, Krylov beyond).
+DENSE_JACOBIAN_MAX = 256
 _ids = itertools.count()
 
 
@@ -176,6 +177,10 @@ class TSSolver:
                 self.J_imp = PETSc.Mat().createDense((n, n), comm=self.comm)
                 self.J_imp.setUp()
                 self._objs.append(self.J_imp)
+            elif problem.jacobian == "blocks":
+                self.J_imp = PETSc.Mat().createBAIJ((n, n), problem.block, nnz=1, comm=self.comm)
+                self.J_imp.setUp()
+                self._objs.append(self.J_imp)
             else:
                 self.J_imp = self._shell(n, n, "ijac_x")
             ts.setIJacobian(problem.ijacobian, self.J_imp, self.J_imp)
@@ -224,6 +229,10 @@ class TSSolver:
                       "snes_max_it": "50", "snes_lag_jacobian": str(self.opts.jacobian_lag)})
             if self.problem.dense:
                 d.update({"ksp_type": "preonly", "pc_type": "lu"})
+            elif self.problem.jacobian == "blocks":
+                # block diagonal: LU in the natural ordering has no fill
+                d.update({"ksp_type": "preonly", "pc_type": "lu",
+                          "pc_factor_mat_ordering_type": "natural"})
             else:
                 # Tight tolerances: the transposed adjoint solves reuse this KSP, and the
                 # default rtol 1e-5 would make gradients merely "close".
