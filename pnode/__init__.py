@@ -13,7 +13,16 @@ from ._petsc import init_petsc as _init_petsc
 
 _init_petsc()
 
-from .adjoint import IMEX, Method, SolveStats, clear_cache, last_stats, methods, odeint  # noqa: E402
+from .adjoint import (  # noqa: E402
+    IMEX,
+    Checkpoint,
+    Method,
+    SolveStats,
+    clear_cache,
+    last_stats,
+    methods,
+    odeint,
+)
 from .errors import PnodeError, SolverError  # noqa: E402
 from .neural_ode import NeuralODE  # noqa: E402
 
@@ -21,6 +30,6 @@ odeint_adjoint = odeint
 __version__ = "0.1.0"
 
 __all__ = [
-    "odeint", "odeint_adjoint", "NeuralODE", "IMEX", "methods", "Method", "SolveStats",
+    "odeint", "odeint_adjoint", "NeuralODE", "IMEX", "Checkpoint", "methods", "Method", "SolveStats",
     "last_stats", "clear_cache", "PnodeError", "SolverError", "__version__",
 ]

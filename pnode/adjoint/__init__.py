@@ -1,11 +1,13 @@
 """The engine: torch <-> PETSc TS/TSAdjoint.
 
 Public names: :func:`odeint`, :class:`IMEX`, :func:`methods`, :class:`Method`,
-:class:`SolveStats`, :func:`last_stats`, :func:`clear_cache`.
+:class:`Checkpoint`, :class:`SolveStats`, :func:`last_stats`, :func:`clear_cache`.
 """
 
+from .checkpoint import Checkpoint
 from .methods import Method, methods
 from .odeint import IMEX, clear_cache, last_stats, odeint
 from .solver import SolveStats
 
-__all__ = ["odeint", "IMEX", "methods", "Method", "SolveStats", "last_stats", "clear_cache"]
+__all__ = ["odeint", "IMEX", "Checkpoint", "methods", "Method", "SolveStats", "last_stats",
+           "clear_cache"]

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import Checkpoint
 from .function import Lease, OdeintFunction
 from .methods import Method, resolve_method
 from .problem import TorchProblem
@@ -20,7 +21,6 @@ from .state import StateSpec
 
 __all__ = ["odeint", "IMEX", "last_stats", "clear_cache"]
 
-CHECKPOINT_POLICIES = ("stages", "all", "solution")
 _KNOWN_OPTIONS = {"step_size", "first_step", "max_num_steps", "jacobian", "theta", "endpoint",
                   "ksp_rtol", "snes_rtol", "jacobian_lag"}
 
@@ -97,7 +97,7 @@ class _Call:
     """Everything one odeint call needs, shared by its forward and backward."""
 
     def __init__(self, func, spec: StateSpec, params: list[torch.Tensor], method: Method,
-                 opts: SolveOptions) -> None:
+                 opts: SolveOptions, n_times: int) -> None:
         self.func, self.spec, self.params, self.method, self.opts = func, spec, params, method, opts
         self.imex = isinstance(func, IMEX)
         if opts.jacobian == "auto":
@@ -110,6 +110,9 @@ class _Call:
         self.key = (
             method, spec.shapes, spec.is_tuple, spec.dtype,
             tuple((tuple(p.shape), p.dtype) for p in params), opts, self.jacobian, self.imex,
+            # PETSc 3.26's TSSetEvaluationTimes frees and does not reallocate its arrays when
+            # the number of times changes (a crash), so each count gets its own TS.
+            n_times,
         )
 
     def _parts(self):
@@ -312,12 +315,7 @@ def _build_options(method: Method, rtol, atol, options, checkpoint, petsc_option
             f"func is a pnode.IMEX split, but method {method.name!r} is not an IMEX method; "
             "use kencarp3, kencarp4, kencarp5 or 'arkimex:<type>'"
         )
-    if isinstance(checkpoint, str):
-        if checkpoint not in CHECKPOINT_POLICIES:
-            raise ValueError(f"unknown checkpoint policy {checkpoint!r}; valid: {CHECKPOINT_POLICIES}")
-        policy = "solution" if checkpoint == "solution" else "stages"
-    else:
-        raise ValueError(f"checkpoint must be one of {CHECKPOINT_POLICIES}, got {checkpoint!r}")
+    policy = Checkpoint.parse(checkpoint)
     popts: tuple[tuple[str, str], ...] = ()
     if petsc_options is not None:
         if not isinstance(petsc_options, Mapping):
@@ -347,7 +345,7 @@ def odeint(
     atol: float = 1e-9,
     options: Mapping[str, Any] | None = None,
     adjoint_params: Sequence[torch.Tensor] | None = None,
-    checkpoint: str = "stages",
+    checkpoint: str | Checkpoint = "stages",
     petsc_options: Mapping[str, Any] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Integrate ``dy/dt = func(t, y)`` with a PETSc TS; gradients by PETSc TSAdjoint.
@@ -382,9 +380,10 @@ def odeint(
     adjoint_params : sequence of Tensor, optional
         Tensors to differentiate; by default the parameters of ``func`` if it
         is (or is bound to) an ``nn.Module``.
-    checkpoint : str, default "stages"
+    checkpoint : str or Checkpoint, default "stages"
         ``"stages"``/``"all"``: keep states and stage values; ``"solution"``:
-        keep states, recompute stages in the adjoint.
+        keep states, recompute stages in the adjoint; ``Checkpoint.binomial(k)``:
+        store at most ``k`` states (optimal Revolve schedule), recompute the rest.
     petsc_options : dict, optional
         PETSc options for this solve, without prefix (e.g. ``{"ts_adapt_type": "dsp"}``).
         Command-line options with prefix ``-pnode_`` take precedence.
@@ -428,6 +427,6 @@ def odeint(
     t_out = t.to(spec.dtype) if t.dtype != spec.dtype else t
 
     # 3. solve
-    call = _Call(func, spec, params, m, opts)
+    call = _Call(func, spec, params, m, opts, len(t_out))
     ys = OdeintFunction.apply(call, flat, t_out, *params)
     return spec.unflatten(ys)

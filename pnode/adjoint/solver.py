@@ -20,6 +20,7 @@ import torch
 from petsc4py import PETSc
 
 from ..errors import SolverError
+from .checkpoint import Checkpoint
 from .methods import Method
 from .problem import TorchProblem, vec_view
 
@@ -48,7 +49,7 @@ class SolveOptions:
     step_size: float | None = None
     first_step: float | None = None
     max_num_steps: int = 1_000_000
-    checkpoint: str = "stages"
+    checkpoint: Checkpoint = Checkpoint("stages")
     jacobian: str = "auto"  # "auto" | "dense" | "matfree"
     theta: float | None = None
     endpoint: bool | None = None
@@ -83,6 +84,10 @@ class SolveStats:
         Nonlinear and linear iterations of the forward solve.
     forward_seconds, adjoint_seconds : float
         Wall time of the sweeps.
+    recomputed_steps : int
+        Steps re-integrated by the adjoint sweep (binomial checkpointing).
+    max_stored_states : int
+        Largest number of states held at once by a binomial schedule.
     """
 
     method: str
@@ -98,6 +103,8 @@ class SolveStats:
     ksp_iters: int = 0
     forward_seconds: float = 0.0
     adjoint_seconds: float = 0.0
+    recomputed_steps: int = 0
+    max_stored_states: int = 0
 
 
 class TSSolver:
@@ -219,7 +226,7 @@ class TSSolver:
             # TSHistory re-sorts all step times on every step (quadratic in the step count);
             # the adjoint does not use it.
             "ts_trajectory_use_history": "0",
-            "ts_trajectory_solution_only": "1" if self.opts.checkpoint == "solution" else "0",
+            "ts_trajectory_solution_only": "1" if self.opts.checkpoint.kind == "solution" else "0",
             "ts_adapt_type": "none" if self.fixed else "basic",
         }
         if self.problem.implicit is not None:
@@ -243,10 +250,18 @@ class TSSolver:
         return d
 
     @contextmanager
-    def _options(self) -> Iterator[None]:
-        """Insert this solver's options around a set-up; command-line values win."""
+    def _options(self, force: dict[str, str] | None = None) -> Iterator[None]:
+        """Insert this solver's options around a set-up; command-line values win.
+
+        ``force`` holds values that must apply whatever the command line says (they
+        are restored afterwards).
+        """
         db = PETSc.Options()
         pre = self.opts.options_prefix
+        saved = {}
+        for k, v in (force or {}).items():
+            saved[pre + k] = db.getString(pre + k) if db.hasName(pre + k) else None
+            db.setValue(pre + k, v)
         added = []
         for k, v in self._defaults().items():
             # TSTrajectory reads its options without the TS prefix (petsc4py cannot set one).
@@ -259,9 +274,14 @@ class TSSolver:
         finally:
             for name in added:
                 db.delValue(name)
+            for name, v in saved.items():
+                if v is None:
+                    db.delValue(name)
+                else:
+                    db.setValue(name, v)
 
-    def _configure(self) -> None:
-        with self._options():
+    def _configure(self, force: dict[str, str] | None = None) -> None:
+        with self._options(force):
             self.ts.setFromOptions()
         self._adjoint_mode = False
 
@@ -376,11 +396,13 @@ class TSSolver:
         # A fresh trajectory per forward solve: PETSc's memory trajectory is not built to be
         # replayed twice (reusing it after an adjoint sweep can read freed stack entries).
         # Without a following adjoint no trajectory is kept at all.
+        binomial = self.opts.checkpoint.kind == "binomial"
         ts.removeTrajectory()
-        if record:
+        if record and not binomial:
             ts.setSaveTrajectory()
         self._configure()
         prob.reset_error()
+        self._y0 = y0.clone() if binomial else None
         c0 = (prob.counters.rhs, prob.counters.jvp, prob.counters.vjp, prob.counters.jacobians)
         start = _time.perf_counter()
         tt = t.tolist()
@@ -392,6 +414,7 @@ class TSSolver:
         # evaluation time so that a step ends there (the memory trajectory needs one
         # uninterrupted solve; a solve that ends early would not record its last step).
         ts.setEvaluationTimes(tt)
+        self._eval_times = tt
         self._steps = [(0, tt[0])]
         if self.fixed:
             h = self.opts.step_size
@@ -489,6 +512,8 @@ class TSSolver:
         grad_params : Tensor
             ``[n_params]`` gradient with respect to the parameters.
         """
+        if self.opts.checkpoint.kind == "binomial":
+            return self._adjoint_binomial(grad_ys)
         ts, prob = self.ts, self.problem
         prob.reset_error()
         self._set_adjoint_mode(True)
@@ -525,3 +550,92 @@ class TSSolver:
         self.stats.vjps = prob.counters.vjp - v0
         self.stats.adjoint_seconds = _time.perf_counter() - start
         return grad_y0, grad_p
+
+    # -- binomial checkpointing ---------------------------------------------------------------
+    def _replay_step(self, x: torch.Tensor, k: int, *, record: bool) -> torch.Tensor:
+        """Re-integrate step ``k`` (from ``t_k`` to ``t_{k+1}``) exactly as the forward solve did."""
+        ts, times = self.ts, self.stats.step_times
+        ts.removeTrajectory()
+        if record:
+            ts.setSaveTrajectory()
+        self._configure(force={"ts_adapt_type": "none"})  # the recorded step, no error control
+        if record:
+            self._set_adjoint_mode(True)
+        vec_view(self.x, "w").copy_(x)
+        ts.setTime(times[k])
+        ts.setStepNumber(k)
+        ts.restartStep()  # no first-same-as-last reuse of another step's stage
+        ts.setMaxTime(times[k + 1])
+        ts.setTimeStep(times[k + 1] - times[k])
+        # Re-arm the forward's evaluation times (PETSc keeps a cursor into them across solves;
+        # their count must not change, see odeint._Call). They are step boundaries, so they
+        # never shorten a replayed step.
+        ts.setEvaluationTimes(self._eval_times)
+        try:
+            ts.solve(self.x)
+        except PETSc.Error as exc:
+            self._fail("adjoint", times[k + 1], exc)
+        if self.problem.error is not None or ts.getConvergedReason() < 0 \
+                or ts.getStepNumber() != k + 1:
+            self._fail("adjoint", times[k + 1])
+        return vec_view(self.x).clone()
+
+    def _adjoint_binomial(self, grad_ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adjoint sweep driven by a Revolve schedule from ``checkpoint-schedules``.
+
+        Forward actions re-integrate recorded steps from stored states (the step that a
+        reverse action needs is re-integrated with a trajectory); reverse actions run
+        one TSAdjoint step; the gradient of each output is added at its step.
+        """
+        import checkpoint_schedules as cs
+
+        ts, prob = self.ts, self.problem
+        prob.reset_error()
+        v0 = prob.counters.vjp
+        start = _time.perf_counter()
+        n = self.seg_steps[-1]
+        out_at = {step: k for k, step in enumerate(self.seg_steps)}
+        vec_view(self.lam, "w").copy_(grad_ys[-1])
+        if self.n_params:
+            vec_view(self.mu, "w").zero_()
+        ram: dict[int, torch.Tensor] = {}
+        x, cur, recomputed, peak = self._y0, 0, 0, 0
+        try:
+            for action in (cs.Revolve(n, self.opts.checkpoint.budget) if n else ()):
+                if isinstance(action, cs.Forward):
+                    if cur != action.n0:
+                        raise AssertionError("internal: schedule out of step")
+                    if action.write_ics:
+                        ram[action.n0] = x.clone()
+                        peak = max(peak, len(ram))
+                    stop = action.n1 - 1 if action.write_adj_deps else action.n1
+                    for k in range(action.n0, stop):
+                        x = self._replay_step(x, k, record=False)
+                    if action.write_adj_deps:
+                        x = self._replay_step(x, action.n1 - 1, record=True)
+                    recomputed += action.n1 - action.n0
+                    cur = action.n1
+                elif isinstance(action, cs.Reverse):
+                    ts.adjointSetSteps(action.n1 - action.n0)
+                    ts.adjointSolve()
+                    if prob.error is not None or ts.getConvergedReason() < 0:
+                        self._fail("adjoint", self.stats.step_times[action.n0])
+                    if action.n0 in out_at and action.n0 != n:
+                        vec_view(self.lam, "w").add_(grad_ys[out_at[action.n0]])
+                elif isinstance(action, (cs.Copy, cs.Move)):
+                    x = ram[action.n].clone() if isinstance(action, cs.Copy) else ram.pop(action.n)
+                    cur = action.n
+        except PETSc.Error as exc:
+            self._fail("adjoint", float("nan"), exc)
+        finally:
+            self.busy = False
+            self._y0 = None
+        if not self._adjoint_finite():
+            raise SolverError("adjoint solve produced NaN/Inf", t=self.stats.step_times[0],
+                              reason="DIVERGED_NONFINITE", steps=0, phase="adjoint")
+        st = self.stats
+        st.recomputed_steps, st.max_stored_states = recomputed, peak
+        st.vjps = prob.counters.vjp - v0
+        st.adjoint_seconds = _time.perf_counter() - start
+        grad_p = vec_view(self.mu).clone() if self.n_params else torch.zeros(0, dtype=torch.float64)
+        return vec_view(self.lam).clone(), grad_p

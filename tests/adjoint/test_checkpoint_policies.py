@@ -25,3 +25,40 @@ def test_solution_only_matches_stages(method, kw):
     for policy in ("solution", "all"):
         for a, b in zip(grads[policy], grads["stages"], strict=True):
             assert rel_err(a, b) < 1e-12, (policy, rel_err(a, b))
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("rk4", {"options": {"step_size": 0.05}}),
+    ("dopri5", {"rtol": 1e-7}),
+    ("trapezoid", {"options": {"step_size": 0.05}}),
+    ("kencarp4", {"rtol": 1e-5}),
+])
+@pytest.mark.parametrize("budget", [1, 3, 8])
+def test_binomial_matches_stages_with_optimal_recomputation(method, kw, budget):
+    import checkpoint_schedules
+
+    func = TimeMLP().double()
+    y0 = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.2, 0.45, 1.0], dtype=torch.float64)
+    w = torch.randn(4, 3, 3, dtype=torch.float64)
+    grads = []
+    for policy in ("stages", pnode.Checkpoint.binomial(budget)):
+        ys = pnode.odeint(func, y0, t, method=method, checkpoint=policy, **kw)
+        grads.append(torch.autograd.grad((ys * w).sum(), [y0, *func.parameters()]))
+    st = pnode.last_stats()
+    for a, b in zip(*grads, strict=True):
+        assert rel_err(a, b) < 1e-12
+    assert st.recomputed_steps == checkpoint_schedules.optimal_steps_binomial(st.steps, budget)
+    assert 1 <= st.max_stored_states <= budget
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "8"])
+def test_binomial_budget_validated(bad):
+    with pytest.raises(ValueError, match="Invalid checkpoint budget"):
+        pnode.Checkpoint.binomial(bad)
+
+
+def test_checkpoint_object_and_names():
+    assert pnode.Checkpoint.parse("all") == pnode.Checkpoint("stages")
+    with pytest.raises(ValueError, match="checkpoint policy"):
+        pnode.Checkpoint.parse("disk")
