@@ -70,8 +70,8 @@ def rss():
 import threading
 
 steps_saved = steps
-steps = 10
-run()                      # warm-up: caches, allocator, PETSc objects at a small size
+steps, h = 10, 0.1
+run()                      # warm-up at a small size: caches, allocator, PETSc objects
 steps = steps_saved
 h = 1.0 / steps
 base = rss()

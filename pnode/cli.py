@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import sys
 
 __all__ = ["main", "environment"]
@@ -77,6 +78,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pnode`` console script."""
+    import pnode  # noqa: F401  (initialises PETSc, which installs its own signal handlers)
+
+    # `pnode info | head` closes the pipe early: exit quietly, not through PETSc's handler.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = argparse.ArgumentParser(prog="pnode", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, PETSc/MPI build, method table")

@@ -558,9 +558,12 @@ class TSSolver:
         ts.removeTrajectory()
         if record:
             ts.setSaveTrajectory()
-        self._configure(force={"ts_adapt_type": "none"})  # the recorded step, no error control
-        if record:
+        if record or not self._replaying:
+            # options are read once per adjoint-bearing step (a fresh memory trajectory) and
+            # once at the start; no error control: the recorded step is re-taken as it was
+            self._configure(force={"ts_adapt_type": "none"})
             self._set_adjoint_mode(True)
+            self._replaying = True
         vec_view(self.x, "w").copy_(x)
         ts.setTime(times[k])
         ts.setStepNumber(k)
@@ -600,6 +603,7 @@ class TSSolver:
             vec_view(self.mu, "w").zero_()
         ram: dict[int, torch.Tensor] = {}
         x, cur, recomputed, peak = self._y0, 0, 0, 0
+        self._replaying = False
         try:
             for action in (cs.Revolve(n, self.opts.checkpoint.budget) if n else ()):
                 if isinstance(action, cs.Forward):
