@@ -22,22 +22,13 @@ CONFIGS = ["pnode:stages", "pnode:solution", "pnode:binomial8", "torch-backprop"
 _CHILD = r'''
 import json, resource, statistics, sys, time
 import torch
-from torch import nn
 torch.set_num_threads(1)
 import pnode, torchdiffeq
+from benchmarks.engine import mlp_field
 
 cfg, steps, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
-net = nn.Sequential(nn.Linear(32, 128), nn.Tanh(), nn.Linear(128, 32)).double()
-
-class F(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = net
-    def forward(self, t, y):
-        return self.net(y)
-
-func = F()
+func = mlp_field(32, 128)
 y0 = torch.randn(64, 32, dtype=torch.float64)
 t = torch.tensor([0.0, 1.0], dtype=torch.float64)
 h = 1.0 / steps

@@ -25,7 +25,8 @@ from torch import nn
 import pnode
 
 
-def _mlp(dim=32, width=128):
+def mlp_field(dim: int = 32, width: int = 128) -> nn.Module:
+    """The benchmark field f(t, y) = W2 tanh(W1 y + b1) + b2 (float64), as in issues 4 and 5."""
     net = nn.Sequential(nn.Linear(dim, width), nn.Tanh(), nn.Linear(width, dim)).double()
 
     class F(nn.Module):
@@ -49,7 +50,7 @@ def _median_time(fn, repeats):
 
 
 def overhead(batch: int, steps: int, repeats: int) -> list[tuple[str, float]]:
-    func = _mlp()
+    func = mlp_field()
     y0 = torch.randn(batch, 32, dtype=torch.float64)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
     opts = {"method": "rk4", "options": {"step_size": 1.0 / steps}}
@@ -115,7 +116,7 @@ def jacobian_strategies(batches=(16, 64, 256), repeats=3) -> list[tuple[int, int
 
 
 def memory(iterations: int) -> list[tuple[int, float]]:
-    func = _mlp(dim=8, width=32)
+    func = mlp_field(dim=8, width=32)
     opt = torch.optim.SGD(func.parameters(), lr=1e-3)
     y0 = torch.randn(16, 8, dtype=torch.float64)
     t = torch.linspace(0, 1, 4, dtype=torch.float64)
