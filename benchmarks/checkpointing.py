@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 
-CONFIGS = ["pnode:stages", "pnode:solution", "pnode:binomial8", "torch-backprop",
+CONFIGS = ["pnode:stages", "pnode:graph", "pnode:solution", "pnode:binomial8", "torch-backprop",
            "torchdiffeq-backprop", "torchdiffeq-adjoint"]
 
 _CHILD = r'''

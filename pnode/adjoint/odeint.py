@@ -202,6 +202,7 @@ def _release(solver: TSSolver) -> None:
         if part is not None:
             part.func = part.point = part.last_point = None
     prob.params = []
+    prob.graphs = None
     solver.busy = False
     if solver in _uncached:
         _uncached.remove(solver)
@@ -316,6 +317,9 @@ def _build_options(method: Method, rtol, atol, options, checkpoint, petsc_option
             "use kencarp3, kencarp4, kencarp5 or 'arkimex:<type>'"
         )
     policy = Checkpoint.parse(checkpoint)
+    if policy.kind == "graph" and (method.implicit or imex):
+        raise ValueError("checkpoint='graph' is available for explicit methods; implicit stages "
+                         "are Newton iterates, use 'stages' or 'solution'")
     popts: tuple[tuple[str, str], ...] = ()
     if petsc_options is not None:
         if not isinstance(petsc_options, Mapping):
@@ -382,7 +386,9 @@ def odeint(
         is (or is bound to) an ``nn.Module``.
     checkpoint : str or Checkpoint, default "stages"
         ``"stages"``/``"all"``: keep states and stage values; ``"solution"``:
-        keep states, recompute stages in the adjoint; ``Checkpoint.binomial(k)``:
+        keep states, recompute stages in the adjoint; ``"graph"`` (explicit methods):
+        also keep the autograd graphs of the forward evaluations, so the adjoint
+        only runs backward passes; ``Checkpoint.binomial(k)``:
         store at most ``k`` states (optimal Revolve schedule), recompute the rest.
     petsc_options : dict, optional
         PETSc options for this solve, without prefix (e.g. ``{"ts_adapt_type": "dsp"}``).

@@ -37,6 +37,7 @@ class Counters:
     jvp: int = 0
     vjp: int = 0
     jacobians: int = 0
+    graph_hits: int = 0
 
 
 # Observer signature: (t, y_flat, lam_flat, param_grads) -> None, called after each
@@ -112,6 +113,8 @@ class TorchProblem:
         )
         self.counters = Counters()
         self.observers: list[Observer] = []
+        # checkpoint="graph": forward graphs keyed by the bytes of the evaluation point
+        self.graphs: dict[bytes, tuple[float, torch.Tensor, torch.Tensor]] | None = None
         self.error: BaseException | None = None  # first exception raised inside a callback
         self.error_t: float | None = None
         self._ijac_shift = 0.0
@@ -153,6 +156,11 @@ class TorchProblem:
             part.point = last
             return last
         pt = _LinPoint(t, x.clone())
+        if self.graphs is not None:
+            hit = self.graphs.pop(x.numpy().tobytes(), None)
+            if hit is not None:  # the forward evaluated f here: reuse its graph
+                pt.t, pt.graph = hit[0], (hit[1], hit[2])
+                self.counters.graph_hits += 1
         part.point = part.last_point = pt
         return pt
 
@@ -249,8 +257,17 @@ class TorchProblem:
     def rhs_function(self, ts, t, X, F):
         def body():
             self.counters.rhs += 1
-            with torch.no_grad():
-                vec_view(F, "w").copy_(self._eval(self.explicit, t, vec_view(X)))
+            x = vec_view(X)
+            if self.graphs is None:
+                with torch.no_grad():
+                    vec_view(F, "w").copy_(self._eval(self.explicit, t, x))
+                return
+            # keep the graph: the adjoint's vjp at this stage is then a backward pass only
+            with torch.enable_grad():
+                xr = self._x(x).detach().clone().requires_grad_(True)
+                out = self._eval(self.explicit, t, xr)
+            self.graphs[x.numpy().tobytes()] = (t, xr, out)
+            vec_view(F, "w").copy_(out.detach())
 
         self._guard(t, body)
 

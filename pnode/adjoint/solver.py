@@ -86,6 +86,8 @@ class SolveStats:
         Wall time of the sweeps.
     recomputed_steps : int
         Steps re-integrated by the adjoint sweep (binomial checkpointing).
+    graph_hits : int
+        Adjoint stage linearisations served by a forward graph (``"graph"`` policy).
     max_stored_states : int
         Largest number of states held at once by a binomial schedule.
     """
@@ -104,6 +106,7 @@ class SolveStats:
     forward_seconds: float = 0.0
     adjoint_seconds: float = 0.0
     recomputed_steps: int = 0
+    graph_hits: int = 0
     max_stored_states: int = 0
 
 
@@ -403,6 +406,7 @@ class TSSolver:
         self._configure()
         prob.reset_error()
         self._y0 = y0.clone() if binomial else None
+        prob.graphs = {} if record and self.opts.checkpoint.kind == "graph" else None
         c0 = (prob.counters.rhs, prob.counters.jvp, prob.counters.vjp, prob.counters.jacobians)
         start = _time.perf_counter()
         tt = t.tolist()
@@ -517,7 +521,7 @@ class TSSolver:
         ts, prob = self.ts, self.problem
         prob.reset_error()
         self._set_adjoint_mode(True)
-        v0 = prob.counters.vjp
+        v0, h0 = prob.counters.vjp, prob.counters.graph_hits
         start = _time.perf_counter()
         lam = vec_view(self.lam, "w")
         lam.copy_(grad_ys[-1])
@@ -545,9 +549,11 @@ class TSSolver:
             self._fail("adjoint", float("nan"), exc)
         finally:
             self.busy = False
+            prob.graphs = None
         grad_y0 = vec_view(self.lam).clone()
         grad_p = vec_view(self.mu).clone() if self.n_params else torch.zeros(0, dtype=torch.float64)
         self.stats.vjps = prob.counters.vjp - v0
+        self.stats.graph_hits = prob.counters.graph_hits - h0
         self.stats.adjoint_seconds = _time.perf_counter() - start
         return grad_y0, grad_p
 
