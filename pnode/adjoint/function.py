@@ -70,7 +70,7 @@ class OdeintFunction(torch.autograd.Function):
             grad_y0, grad_p = lease.solver.adjoint(g)
             grad_t = None
             if ctx.needs_input_grad[2]:
-                grad_t = call.time_gradient(lease.solver, t, ys, g, grad_y0)
+                grad_t = call.time_gradient(t, ys, g, grad_y0)
         finally:
             lease.release()
         grads_p = call.split_param_grads(grad_p)

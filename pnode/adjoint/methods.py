@@ -102,14 +102,12 @@ _TABLE: dict[str, Method] = {
 _ALIASES = {
     "explicit_midpoint": "midpoint",
     "explicit_euler": "euler",
-    "fehlberg2": "heun",  # not identical tableau; kept out below
     "backward_euler": "implicit_euler",
     "beuler": "implicit_euler",
     "cn": "trapezoid",
     "crank_nicolson": "trapezoid",
     "implicit_midpoint": "theta",
 }
-_ALIASES.pop("fehlberg2")
 
 # PETSc TS types without TSAdjoint in 3.26, to answer with a precise message.
 NO_ADJOINT = {

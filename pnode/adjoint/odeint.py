@@ -166,8 +166,8 @@ class _Call:
         _last["solver"] = solver
         return Lease(solver, _release)
 
-    def time_gradient(self, solver: TSSolver, t: torch.Tensor, ys: torch.Tensor,
-                      g: torch.Tensor, grad_y0: torch.Tensor) -> torch.Tensor:
+    def time_gradient(self, t: torch.Tensor, ys: torch.Tensor, g: torch.Tensor,
+                      grad_y0: torch.Tensor) -> torch.Tensor:
         """dL/dt_k = g_k . f(t_k, y_k) for k >= 1 and -lambda(t_0+) . f(t_0, y_0).
 
         ``lambda(t_0+)`` is the adjoint just after ``t_0``: the gradient of ``y0``
