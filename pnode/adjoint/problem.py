@@ -12,6 +12,7 @@ transposed adjoint solves exact.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -45,16 +46,34 @@ class Counters:
 Observer = Callable[[float, torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]], None]
 
 
+def _vec_key(vec: PETSc.Vec) -> tuple[int, int]:
+    """Identity of a Vec's current contents: PETSc bumps the state on every write access."""
+    return vec.handle, vec.stateGet()
+
+
+def _all_finite(flat: torch.Tensor) -> bool:
+    # One reduction instead of an elementwise isfinite pass (5x cheaper on the hot path);
+    # a non-finite sum is re-checked element by element (finite values can overflow it).
+    flat = flat.detach()
+    return math.isfinite(float(flat.sum())) or bool(torch.isfinite(flat).all())
+
+
 class _LinPoint:
-    """A linearisation point (t, x) and, lazily, the autograd graph of f there."""
+    """A linearisation point (t, x) and, lazily, the autograd graph of f there.
 
-    __slots__ = ("t", "x", "graph", "cached_v", "cached_gp")
+    ``key`` identifies the request: the time PETSc asked at and the PETSc Vec contents
+    the point was read from, so repeated requests at the same stage (state and
+    parameter Jacobians) are recognised without comparing the data.
+    """
 
-    def __init__(self, t: float, x: torch.Tensor) -> None:
+    __slots__ = ("t", "x", "key", "graph", "cached_v", "cached_gp")
+
+    def __init__(self, t: float, x: torch.Tensor, key: tuple | None = None) -> None:
         self.t = t
         self.x = x
+        self.key = key
         self.graph = None
-        self.cached_v: torch.Tensor | None = None
+        self.cached_v: tuple[int, int] | None = None  # _vec_key of the vector of cached_gp
         self.cached_gp: torch.Tensor | None = None
 
 
@@ -113,16 +132,27 @@ class TorchProblem:
         )
         self.counters = Counters()
         self.observers: list[Observer] = []
-        # checkpoint="graph": forward graphs keyed by the bytes of the evaluation point
-        self.graphs: dict[bytes, tuple[float, torch.Tensor, torch.Tensor]] | None = None
+        # checkpoint="graph": forward graphs [(t, x, x_leaf, out), ...] keyed by sum(x) (a
+        # cheap fingerprint; a hit is confirmed by comparing x).  Not keyed by t: the adjoint
+        # computes stage times with different rounding.
+        self.graphs: dict[float, list[tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]]] | None \
+            = None
         self.error: BaseException | None = None  # first exception raised inside a callback
         self.error_t: float | None = None
         self._ijac_shift = 0.0
-        self.shells: list[_ShellContext] = []
+        self.shells: dict[str, list[_ShellContext]] = {}
+        self._times: dict[float, torch.Tensor] = {}
 
     # -- evaluation helpers -------------------------------------------------------------
     def _t(self, t: float) -> torch.Tensor:
-        return torch.tensor(t, dtype=self.spec.dtype)
+        # The adjoint asks at the forward's stage times again: reuse their tensors (creating
+        # one costs more than the lookup); bounded, since adaptive solves visit new times.
+        tt = self._times.get(t)
+        if tt is None:
+            if len(self._times) > 4096:
+                self._times.clear()
+            tt = self._times[t] = torch.tensor(t, dtype=self.spec.dtype)
+        return tt
 
     def _x(self, flat64: torch.Tensor) -> torch.Tensor:
         return flat64 if self.spec.dtype == torch.float64 else flat64.to(self.spec.dtype)
@@ -130,7 +160,7 @@ class TorchProblem:
     def _eval(self, part: _Part, t: float, x: torch.Tensor) -> torch.Tensor:
         out = part.func(self._t(t), self.spec.unflatten(self._x(x)))
         flat = self.spec.check_output(out, part.name)
-        if not bool(torch.isfinite(flat).all()):
+        if not _all_finite(flat):
             raise FloatingPointError(f"{part.name} returned NaN or Inf at t={t:.6g}")
         return flat
 
@@ -147,20 +177,41 @@ class TorchProblem:
         self.error = None
         self.error_t = None
 
+    def forget_points(self) -> None:
+        """Drop cached linearisation points (their Vec keys are only valid within one sweep)."""
+        for part in (self.explicit, self.implicit):
+            if part is not None:
+                part.point = part.last_point = None
+
+    def _pop_graph(self, x: torch.Tensor):
+        """The forward graph of f at x, if the forward kept one (``"graph"`` policy)."""
+        key = float(x.sum())
+        entries = self.graphs.get(key)
+        if entries:
+            for i in range(len(entries) - 1, -1, -1):
+                if torch.equal(entries[i][1], x):
+                    hit = entries.pop(i)
+                    if not entries:
+                        del self.graphs[key]
+                    return hit
+        return None
+
     # -- linearisation points and products ----------------------------------------------
     def _set_point(self, part: _Part, t: float, X: PETSc.Vec) -> _LinPoint:
-        x = vec_view(X)
+        key = (t, *_vec_key(X))
         last = part.last_point
         # J and Jp are requested at the same (t, Y) for each stage: share one graph.
-        if last is not None and last.t == t and torch.equal(last.x, x):
+        if last is not None and last.key == key:
             part.point = last
             return last
-        pt = _LinPoint(t, x.clone())
-        if self.graphs is not None:
-            hit = self.graphs.pop(x.numpy().tobytes(), None)
-            if hit is not None:  # the forward evaluated f here: reuse its graph
-                pt.t, pt.graph = hit[0], (hit[1], hit[2])
-                self.counters.graph_hits += 1
+        x = vec_view(X)
+        hit = self._pop_graph(x) if self.graphs is not None else None
+        if hit is not None:  # the forward evaluated f here: reuse its graph (and its time)
+            pt = _LinPoint(hit[0], hit[1], key)
+            pt.graph = (hit[2], hit[3])
+            self.counters.graph_hits += 1
+        else:
+            pt = _LinPoint(t, x.clone(), key)
         part.point = part.last_point = pt
         return pt
 
@@ -174,13 +225,21 @@ class TorchProblem:
             pt.graph = (xr, out)
         return pt.graph
 
-    def _vjp(self, part: _Part, v: torch.Tensor, *, want_x: bool, want_p: bool):
+    def _vjp(self, part: _Part, v: torch.Tensor, *, want_x: bool, want_p: bool,
+             last: bool = False):
+        """``v^T df/dx`` and/or ``v^T df/dp`` at the current point, in one backward pass.
+
+        ``last``: no further product is expected at this point, so the graph's buffers are
+        freed now (it is rebuilt should PETSc ask again).
+        """
         pt = part.point
         xr, out = self._graph(part, pt)
         inputs = ([xr] if want_x else []) + (self.params if want_p else [])
         grads = torch.autograd.grad(
-            out, inputs, grad_outputs=v.to(out.dtype), retain_graph=True, allow_unused=True
+            out, inputs, grad_outputs=v.to(out.dtype), retain_graph=not last, allow_unused=True
         )
+        if last:
+            pt.graph = None
         self.counters.vjp += 1
         gx = grads[0] if want_x else None
         gps = grads[1:] if want_x else grads
@@ -264,9 +323,10 @@ class TorchProblem:
                 return
             # keep the graph: the adjoint's vjp at this stage is then a backward pass only
             with torch.enable_grad():
-                xr = self._x(x).detach().clone().requires_grad_(True)
+                xc = x.clone()
+                xr = self._x(xc).detach().requires_grad_(True)
                 out = self._eval(self.explicit, t, xr)
-            self.graphs[x.numpy().tobytes()] = (t, xr, out)
+            self.graphs.setdefault(float(xc.sum()), []).append((t, xc, xr, out))
             vec_view(F, "w").copy_(out.detach())
 
         self._guard(t, body)
@@ -324,14 +384,13 @@ class TorchProblem:
     # -- shell matrix contexts ------------------------------------------------------------
     def shell(self, kind: str) -> _ShellContext:
         ctx = _ShellContext(self, kind)
-        self.shells.append(ctx)
+        self.shells.setdefault(kind, []).append(ctx)
         return ctx
 
-    def _reset_shells(self, prefix: str) -> None:
+    def _reset_shells(self, kind: str) -> None:
         # A Jacobian callback hands PETSc a fresh operator: forget earlier MatScale/MatShift.
-        for ctx in self.shells:
-            if ctx.kind.startswith(prefix):
-                ctx.alpha, ctx.beta = 1.0, 0.0
+        for ctx in self.shells.get(kind, ()):
+            ctx.alpha, ctx.beta = 1.0, 0.0
 
 
 class _ShellContext:
@@ -398,9 +457,10 @@ class _ShellContext:
                 # state product: compute both in one backward pass and keep the former.
                 # (Inside a transposed Krylov solve only the state product is needed.)
                 combine = self.kind == "rhs_x" and prob.n_params > 0
-                gx, gp = prob._vjp(part, v, want_x=True, want_p=combine)
+                gx, gp = prob._vjp(part, v, want_x=True, want_p=combine,
+                                   last=self.kind == "rhs_x")
                 if combine:
-                    pt.cached_v, pt.cached_gp = v.clone(), gp
+                    pt.cached_v, pt.cached_gp = _vec_key(x), gp
                 gx = gx.to(torch.float64)
                 out = vec_view(y, "w")
                 if self.kind == "rhs_x":
@@ -408,7 +468,7 @@ class _ShellContext:
                 else:
                     torch.sub(prob._ijac_shift * v, gx, out=out)
             else:
-                if pt.cached_v is not None and torch.equal(pt.cached_v, v):
+                if pt.cached_v is not None and pt.cached_v == _vec_key(x):
                     gp = pt.cached_gp
                 else:
                     _, gp = prob._vjp(part, v, want_x=False, want_p=True)

@@ -405,6 +405,7 @@ class TSSolver:
             ts.setSaveTrajectory()
         self._configure()
         prob.reset_error()
+        prob.forget_points()
         self._y0 = y0.clone() if binomial else None
         prob.graphs = {} if record and self.opts.checkpoint.kind == "graph" else None
         c0 = (prob.counters.rhs, prob.counters.jvp, prob.counters.vjp, prob.counters.jacobians)
@@ -520,6 +521,7 @@ class TSSolver:
             return self._adjoint_binomial(grad_ys)
         ts, prob = self.ts, self.problem
         prob.reset_error()
+        prob.forget_points()
         self._set_adjoint_mode(True)
         v0, h0 = prob.counters.vjp, prob.counters.graph_hits
         start = _time.perf_counter()
@@ -600,6 +602,7 @@ class TSSolver:
 
         ts, prob = self.ts, self.problem
         prob.reset_error()
+        prob.forget_points()
         v0 = prob.counters.vjp
         start = _time.perf_counter()
         n = self.seg_steps[-1]
