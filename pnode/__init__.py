@@ -6,7 +6,7 @@ Public API::
     pnode.NeuralODE(func, t=(0.0, 1.0), **odeint_kwargs)
     pnode.IMEX(implicit=..., explicit=...)
     pnode.methods(), pnode.last_stats()
-    pnode.PnodeError, pnode.SolverError
+    pnode.PnodeError, pnode.SolverError, pnode.CheckpointError
 """
 
 from ._petsc import init_petsc as _init_petsc
@@ -23,7 +23,7 @@ from .adjoint import (  # noqa: E402
     methods,
     odeint,
 )
-from .errors import PnodeError, SolverError  # noqa: E402
+from .errors import CheckpointError, PnodeError, SolverError  # noqa: E402
 from .neural_ode import NeuralODE  # noqa: E402
 
 odeint_adjoint = odeint
@@ -31,5 +31,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "odeint", "odeint_adjoint", "NeuralODE", "IMEX", "Checkpoint", "methods", "Method", "SolveStats",
-    "last_stats", "clear_cache", "PnodeError", "SolverError", "__version__",
+    "last_stats", "clear_cache", "PnodeError", "SolverError", "CheckpointError", "__version__",
 ]

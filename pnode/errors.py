@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PnodeError", "SolverError"]
+__all__ = ["PnodeError", "SolverError", "CheckpointError"]
 
 
 class PnodeError(Exception):
@@ -34,3 +34,21 @@ class SolverError(PnodeError):
         self.reason = reason
         self.steps = int(steps)
         self.phase = phase
+
+
+class CheckpointError(PnodeError, OSError):
+    """Checkpoints could not be written (e.g. a full disk during ``Checkpoint.disk``).
+
+    The files already written are removed and the solver stays usable.
+
+    Parameters
+    ----------
+    message : str
+        What happened and what to try.
+    directory : str
+        The checkpoint directory.
+    """
+
+    def __init__(self, message: str, *, directory: str) -> None:
+        super().__init__(message)
+        self.directory = directory

@@ -39,7 +39,7 @@ class OdeintFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, call: Any, y0: torch.Tensor, t: torch.Tensor,
                 *params: torch.Tensor) -> torch.Tensor:
-        record = any(ctx.needs_input_grad[1:])
+        record = call.record and any(ctx.needs_input_grad[1:])
         lease = call.acquire(record)
         try:
             ys64 = lease.solver.forward(

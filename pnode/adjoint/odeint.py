@@ -99,6 +99,7 @@ class _Call:
     def __init__(self, func, spec: StateSpec, params: list[torch.Tensor], method: Method,
                  opts: SolveOptions, n_times: int) -> None:
         self.func, self.spec, self.params, self.method, self.opts = func, spec, params, method, opts
+        self.record = True  # a backward pass may follow (set by odeint)
         self.imex = isinstance(func, IMEX)
         if opts.jacobian == "auto":
             self.jacobian = "dense" if spec.size <= DENSE_JACOBIAN_MAX else "matfree"
@@ -136,7 +137,7 @@ class _Call:
             prob.explicit.func = explicit
         if prob.implicit is not None:
             prob.implicit.func = implicit
-        prob.params = self.params
+        prob.params = tuple(self.params)
 
     def acquire(self, record: bool) -> Lease:
         owner, fkey = _owner(self.func)
@@ -201,8 +202,8 @@ def _release(solver: TSSolver) -> None:
     for part in (prob.explicit, prob.implicit):
         if part is not None:
             part.func = part.point = part.last_point = None
-    prob.params = []
-    prob.graphs = None
+    prob.params = ()
+    prob.keep_graphs(False)
     solver.busy = False
     if solver in _uncached:
         _uncached.remove(solver)
@@ -388,8 +389,10 @@ def odeint(
         ``"stages"``/``"all"``: keep states and stage values; ``"solution"``:
         keep states, recompute stages in the adjoint; ``"graph"`` (explicit methods):
         also keep the autograd graphs of the forward evaluations, so the adjoint
-        only runs backward passes; ``Checkpoint.binomial(k)``:
-        store at most ``k`` states (optimal Revolve schedule), recompute the rest.
+        only runs backward passes (``Checkpoint.graph(memory_mib)`` caps their memory);
+        ``Checkpoint.binomial(k)``: store at most ``k`` states (optimal Revolve
+        schedule), recompute the rest; ``Checkpoint.disk(directory, ram_budget)``: RAM
+        then files on disk (removed afterwards), optimal two-level schedule.
     petsc_options : dict, optional
         PETSc options for this solve, without prefix (e.g. ``{"ts_adapt_type": "dsp"}``).
         Command-line options with prefix ``-pnode_`` take precedence.
@@ -434,5 +437,10 @@ def odeint(
 
     # 3. solve
     call = _Call(func, spec, params, m, opts, len(t_out))
+    # Inside autograd.Function.forward grad mode is off and needs_input_grad ignores
+    # torch.no_grad(), so whether a backward can follow is decided here: under no_grad
+    # no trajectory is kept (it would cost memory in proportion to the steps).
+    call.record = torch.is_grad_enabled() and (
+        flat.requires_grad or t_out.requires_grad or any(p.requires_grad for p in params))
     ys = OdeintFunction.apply(call, flat, t_out, *params)
     return spec.unflatten(ys)

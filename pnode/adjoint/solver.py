@@ -11,20 +11,24 @@ incoming gradient of each output at its time.
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+import tempfile
 import time as _time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from petsc4py import PETSc
 
-from ..errors import SolverError
+from ..errors import CheckpointError, SolverError
 from .checkpoint import Checkpoint
 from .methods import Method
 from .problem import TorchProblem, vec_view
 
-__all__ = ["SolveOptions", "SolveStats", "TSSolver", "reason_name"]
+__all__ = ["SolveOptions", "SolveStats", "TSSolver", "StateStore", "reason_name"]
 
 # Systems up to this size get an assembled dense Jacobian and a direct (LU) solve
 # (measured in benchmarks/engine.py: dense wins up to ~256 unknowns, Krylov beyond).
@@ -85,11 +89,13 @@ class SolveStats:
     forward_seconds, adjoint_seconds : float
         Wall time of the sweeps.
     recomputed_steps : int
-        Steps re-integrated by the adjoint sweep (binomial checkpointing).
+        Steps re-integrated by the adjoint sweep (binomial and disk checkpointing).
     graph_hits : int
         Adjoint stage linearisations served by a forward graph (``"graph"`` policy).
     max_stored_states : int
-        Largest number of states held at once by a binomial schedule.
+        Largest number of states held at once by a binomial or disk schedule (RAM and disk).
+    disk_writes : int
+        States written to disk (disk checkpointing).
     """
 
     method: str
@@ -108,6 +114,7 @@ class SolveStats:
     recomputed_steps: int = 0
     graph_hits: int = 0
     max_stored_states: int = 0
+    disk_writes: int = 0
 
 
 class TSSolver:
@@ -399,15 +406,15 @@ class TSSolver:
         # A fresh trajectory per forward solve: PETSc's memory trajectory is not built to be
         # replayed twice (reusing it after an adjoint sweep can read freed stack entries).
         # Without a following adjoint no trajectory is kept at all.
-        binomial = self.opts.checkpoint.kind == "binomial"
+        policy = self.opts.checkpoint
         ts.removeTrajectory()
-        if record and not binomial:
+        if record and not policy.replays:
             ts.setSaveTrajectory()
         self._configure()
         prob.reset_error()
         prob.forget_points()
-        self._y0 = y0.clone() if binomial else None
-        prob.graphs = {} if record and self.opts.checkpoint.kind == "graph" else None
+        self._y0 = y0.clone() if policy.replays else None
+        prob.keep_graphs(record and policy.kind == "graph", policy.memory_mib)
         c0 = (prob.counters.rhs, prob.counters.jvp, prob.counters.vjp, prob.counters.jacobians)
         start = _time.perf_counter()
         tt = t.tolist()
@@ -517,8 +524,8 @@ class TSSolver:
         grad_params : Tensor
             ``[n_params]`` gradient with respect to the parameters.
         """
-        if self.opts.checkpoint.kind == "binomial":
-            return self._adjoint_binomial(grad_ys)
+        if self.opts.checkpoint.replays:
+            return self._adjoint_scheduled(grad_ys)
         ts, prob = self.ts, self.problem
         prob.reset_error()
         prob.forget_points()
@@ -551,7 +558,7 @@ class TSSolver:
             self._fail("adjoint", float("nan"), exc)
         finally:
             self.busy = False
-            prob.graphs = None
+            prob.keep_graphs(False)
         grad_y0 = vec_view(self.lam).clone()
         grad_p = vec_view(self.mu).clone() if self.n_params else torch.zeros(0, dtype=torch.float64)
         self.stats.vjps = prob.counters.vjp - v0
@@ -559,7 +566,7 @@ class TSSolver:
         self.stats.adjoint_seconds = _time.perf_counter() - start
         return grad_y0, grad_p
 
-    # -- binomial checkpointing ---------------------------------------------------------------
+    # -- schedule-driven checkpointing (binomial, disk) ----------------------------------------
     def _replay_step(self, x: torch.Tensor, k: int, *, record: bool) -> torch.Tensor:
         """Re-integrate step ``k`` (from ``t_k`` to ``t_{k+1}``) exactly as the forward solve did."""
         ts, times = self.ts, self.stats.step_times
@@ -591,12 +598,25 @@ class TSSolver:
             self._fail("adjoint", times[k + 1])
         return vec_view(self.x).clone()
 
-    def _adjoint_binomial(self, grad_ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adjoint sweep driven by a Revolve schedule from ``checkpoint-schedules``.
+    def _schedule(self, n: int):
+        import checkpoint_schedules as cs
+
+        policy = self.opts.checkpoint
+        if policy.kind == "binomial":
+            # The multistage generator with no disk slots yields the optimal binomial (Revolve)
+            # schedule lazily; cs.Revolve precomputes every action (5.8 MiB for 2000 steps).
+            return cs.MultistageCheckpointSchedule(n, policy.budget, 0)
+        disk = n if policy.disk_budget is None else policy.disk_budget
+        return cs.MultistageCheckpointSchedule(n, policy.budget, disk)
+
+    def _adjoint_scheduled(self, grad_ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adjoint sweep driven by a checkpoint schedule from ``checkpoint-schedules``.
 
         Forward actions re-integrate recorded steps from stored states (the step that a
         reverse action needs is re-integrated with a trajectory); reverse actions run
-        one TSAdjoint step; the gradient of each output is added at its step.
+        one TSAdjoint step; the gradient of each output is added at its step.  States
+        go to RAM or to files, as the schedule says; the files are removed at the end,
+        whatever happens.
         """
         import checkpoint_schedules as cs
 
@@ -610,17 +630,16 @@ class TSSolver:
         vec_view(self.lam, "w").copy_(grad_ys[-1])
         if self.n_params:
             vec_view(self.mu, "w").zero_()
-        ram: dict[int, torch.Tensor] = {}
-        x, cur, recomputed, peak = self._y0, 0, 0, 0
+        store = StateStore(self.opts.checkpoint.directory)
+        x, cur, recomputed = self._y0, 0, 0
         self._replaying = False
         try:
-            for action in (cs.Revolve(n, self.opts.checkpoint.budget) if n else ()):
+            for action in (self._schedule(n) if n else ()):
                 if isinstance(action, cs.Forward):
                     if cur != action.n0:
                         raise AssertionError("internal: schedule out of step")
                     if action.write_ics:
-                        ram[action.n0] = x.clone()
-                        peak = max(peak, len(ram))
+                        store.put(action.n0, x, action.storage)
                     stop = action.n1 - 1 if action.write_adj_deps else action.n1
                     for k in range(action.n0, stop):
                         x = self._replay_step(x, k, record=False)
@@ -636,19 +655,93 @@ class TSSolver:
                     if action.n0 in out_at and action.n0 != n:
                         vec_view(self.lam, "w").add_(grad_ys[out_at[action.n0]])
                 elif isinstance(action, (cs.Copy, cs.Move)):
-                    x = ram[action.n].clone() if isinstance(action, cs.Copy) else ram.pop(action.n)
+                    x = store.get(action.n, action.from_storage, keep=isinstance(action, cs.Copy))
                     cur = action.n
+                elif isinstance(action, cs.EndReverse):
+                    break
         except PETSc.Error as exc:
             self._fail("adjoint", float("nan"), exc)
         finally:
             self.busy = False
             self._y0 = None
+            store.close()
         if not self._adjoint_finite():
             raise SolverError("adjoint solve produced NaN/Inf", t=self.stats.step_times[0],
                               reason="DIVERGED_NONFINITE", steps=0, phase="adjoint")
         st = self.stats
-        st.recomputed_steps, st.max_stored_states = recomputed, peak
+        st.recomputed_steps, st.max_stored_states = recomputed, store.peak
+        st.disk_writes = store.disk_writes
         st.vjps = prob.counters.vjp - v0
         st.adjoint_seconds = _time.perf_counter() - start
         grad_p = vec_view(self.mu).clone() if self.n_params else torch.zeros(0, dtype=torch.float64)
         return vec_view(self.lam).clone(), grad_p
+
+
+def _write_state(path: str, x: torch.Tensor) -> None:
+    """Write a flat float64 state as raw bytes (read back with ``np.fromfile``)."""
+    x.numpy().tofile(path)
+
+
+class StateStore:
+    """Checkpointed states of one adjoint sweep: in RAM, or as files in a private directory.
+
+    Parameters
+    ----------
+    directory : str or None
+        Parent of the private directory for states the schedule sends to disk
+        (created on the first write, removed by :meth:`close`).
+    """
+
+    def __init__(self, directory: str | None) -> None:
+        self.parent = directory
+        self.ram: dict[int, torch.Tensor] = {}
+        self.files: dict[int, str] = {}
+        self.dir: str | None = None
+        self.peak = 0
+        self.disk_writes = 0
+
+    def put(self, n: int, x: torch.Tensor, storage) -> None:
+        import checkpoint_schedules as cs
+
+        if storage == cs.StorageType.DISK:
+            path = self._write(n, x)
+            self.files[n] = path
+            self.disk_writes += 1
+        else:
+            self.ram[n] = x.clone()
+        self.peak = max(self.peak, len(self.ram) + len(self.files))
+
+    def get(self, n: int, storage, *, keep: bool) -> torch.Tensor:
+        import checkpoint_schedules as cs
+
+        if storage != cs.StorageType.DISK:
+            return self.ram[n].clone() if keep else self.ram.pop(n)
+        path = self.files[n]
+        x = torch.from_numpy(np.fromfile(path, dtype=np.float64))
+        if not keep:
+            os.remove(path)
+            del self.files[n]
+        return x
+
+    def _write(self, n: int, x: torch.Tensor) -> str:
+        if self.parent is None:
+            raise AssertionError("internal: a RAM-only schedule asked for disk storage")
+        try:
+            if self.dir is None:
+                self.dir = tempfile.mkdtemp(prefix="pnode-checkpoints-", dir=self.parent)
+            path = os.path.join(self.dir, f"state-{n}.f64")
+            _write_state(path, x)
+        except OSError as exc:
+            raise CheckpointError(
+                f"could not write a checkpoint to {self.parent!r}: {exc.strerror or exc}; free "
+                "space there, choose another directory, or raise the RAM budget",
+                directory=self.parent) from exc
+        return path
+
+    def close(self) -> None:
+        """Forget the RAM states and remove the files (and the private directory)."""
+        self.ram.clear()
+        self.files.clear()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None

@@ -99,3 +99,150 @@ def test_graph_policy_without_backward_keeps_nothing():
                      checkpoint="graph")
     from pnode.adjoint.odeint import _last
     assert _last["solver"].problem.graphs is None
+
+
+def _scheduled_steps(n, ram, disk):
+    import checkpoint_schedules as cs
+
+    total = 0
+    for action in cs.MultistageCheckpointSchedule(n, ram, disk):
+        if isinstance(action, cs.Forward):
+            total += action.n1 - action.n0
+        elif isinstance(action, cs.EndReverse):
+            break
+    return total
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("rk4", {"options": {"step_size": 0.05}}),
+    ("dopri5", {"rtol": 1e-7}),
+    ("trapezoid", {"options": {"step_size": 0.05}}),
+    ("kencarp4", {"rtol": 1e-5}),
+])
+@pytest.mark.parametrize("ram,disk", [(1, 2), (2, None)])
+def test_disk_matches_stages_and_removes_its_files(tmp_path, method, kw, ram, disk):
+    func = TimeMLP().double()
+    y0 = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.2, 0.45, 1.0], dtype=torch.float64)
+    w = torch.randn(4, 3, 3, dtype=torch.float64)
+    grads = []
+    for policy in ("stages", pnode.Checkpoint.disk(tmp_path, ram_budget=ram, disk_budget=disk)):
+        ys = pnode.odeint(func, y0, t, method=method, checkpoint=policy, **kw)
+        grads.append(torch.autograd.grad((ys * w).sum(), [y0, *func.parameters()]))
+    st = pnode.last_stats()
+    for a, b in zip(*grads, strict=True):
+        assert rel_err(a, b) < 1e-12
+    n = st.steps
+    assert st.recomputed_steps == _scheduled_steps(n, ram, n if disk is None else disk)
+    assert st.disk_writes > 0
+    assert st.max_stored_states <= ram + (n if disk is None else disk)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_files_removed_when_the_adjoint_fails(tmp_path):
+    class Flaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3).double()
+            self.calls, self.fail_after = 0, None
+
+        def forward(self, t, y):
+            self.calls += 1
+            if self.fail_after is not None and self.calls > self.fail_after:
+                raise RuntimeError("injected failure")
+            return torch.tanh(self.lin(y))
+
+    func = Flaky()
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    policy = pnode.Checkpoint.disk(tmp_path, ram_budget=1)
+    ys = pnode.odeint(func, y0, T, method="rk4", options={"step_size": 0.05}, checkpoint=policy)
+    func.fail_after = func.calls + 30  # inside the replay, after some states reached disk
+    with pytest.raises(RuntimeError, match="injected failure"):
+        ys.sum().backward()
+    assert list(tmp_path.iterdir()) == []
+    func.fail_after = None  # the solver is usable again
+    ys = pnode.odeint(func, y0, T, method="rk4", options={"step_size": 0.05}, checkpoint=policy)
+    (g,) = torch.autograd.grad(ys.sum(), [y0])
+    ref = pnode.odeint(func, y0, T, method="rk4", options={"step_size": 0.05})
+    (g_ref,) = torch.autograd.grad(ref.sum(), [y0])
+    assert rel_err(g, g_ref) < 1e-12
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from pnode.adjoint import solver as solver_mod
+
+    writes = []
+    real = solver_mod._write_state
+
+    def write(path, x):
+        if len(writes) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        writes.append(path)
+        real(path, x)
+
+    monkeypatch.setattr(solver_mod, "_write_state", write)
+    func = TimeMLP().double()
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    ys = pnode.odeint(func, y0, T, method="rk4", options={"step_size": 0.05},
+                      checkpoint=pnode.Checkpoint.disk(tmp_path, ram_budget=1))
+    with pytest.raises(pnode.CheckpointError, match="No space left on device") as info:
+        ys.sum().backward()
+    assert info.value.directory == str(tmp_path)
+    assert len(writes) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_disk_directory_and_budgets_validated(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        pnode.Checkpoint.disk(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        pnode.Checkpoint.disk(tmp_path / "file")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="Invalid RAM budget"):
+            pnode.Checkpoint.disk(tmp_path, ram_budget=bad)
+        with pytest.raises(ValueError, match="Invalid disk budget"):
+            pnode.Checkpoint.disk(tmp_path, ram_budget=2, disk_budget=bad)
+
+
+@pytest.mark.parametrize("memory_mib,expect", [(None, "all"), (0, "none"), (0.02, "some")])
+def test_graph_memory_budget_keeps_the_latest_graphs(memory_mib, expect):
+    func = TimeMLP().double()
+    y0 = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for policy in ("stages", pnode.Checkpoint.graph(memory_mib)):
+        ys = pnode.odeint(func, y0, T, method="rk4", options={"step_size": 0.05}, checkpoint=policy)
+        grads.append(torch.autograd.grad(ys.pow(2).sum(), [y0, *func.parameters()]))
+    st = pnode.last_stats()
+    for a, b in zip(*grads, strict=True):
+        assert rel_err(a, b) < 1e-14
+    hits = {"all": st.vjps, "none": 0}.get(expect)
+    if hits is not None:
+        assert st.graph_hits == hits
+    else:
+        assert 0 < st.graph_hits < st.vjps
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "1"])
+def test_graph_memory_budget_validated(bad):
+    with pytest.raises(ValueError, match="Invalid memory_mib"):
+        pnode.Checkpoint.graph(bad)
+
+
+def test_no_grad_forward_records_nothing():
+    # Under torch.no_grad() no backward can follow: the solver must not keep a trajectory
+    # (memory in proportion to the steps) nor stay checked out.
+    from pnode.adjoint.odeint import _last
+
+    func = TimeMLP().double()
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        ys = pnode.odeint(func, y0, T, method="rk4", options={"step_size": 0.1})
+    assert not ys.requires_grad
+    assert not _last["solver"].busy
+    ys = pnode.odeint(func, y0, T, method="rk4", options={"step_size": 0.1})
+    assert _last["solver"].busy  # with grad enabled the trajectory waits for backward
+    ys.sum().backward()
+    assert not _last["solver"].busy
