@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from petsc4py import PETSc
 
+from . import observers
 from .state import StateSpec
 
-__all__ = ["TorchProblem", "Observer", "vec_view"]
+__all__ = ["TorchProblem", "vec_view"]
 
 
 def vec_view(vec: PETSc.Vec, mode: str = "r") -> torch.Tensor:
@@ -40,11 +41,6 @@ class Counters:
     vjp: int = 0
     jacobians: int = 0
     graph_hits: int = 0
-
-
-# Observer signature: (t, y_flat, lam_flat, param_grads) -> None, called after each
-# vector-Jacobian product of the adjoint sweep; see TorchProblem.add_observer.
-Observer = Callable[[float, torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]], None]
 
 
 def _vec_key(vec: PETSc.Vec) -> tuple[int, int]:
@@ -88,7 +84,7 @@ class _LinPoint:
     parameter Jacobians) are recognised without comparing the data.
     """
 
-    __slots__ = ("t", "x", "key", "graph", "cached_v", "cached_gp")
+    __slots__ = ("t", "x", "key", "graph", "cached_v", "cached_gp", "weight")
 
     def __init__(self, t: float, x: torch.Tensor, key: tuple | None = None) -> None:
         self.t = t
@@ -97,6 +93,7 @@ class _LinPoint:
         self.graph = None
         self.cached_v: tuple[int, int] | None = None  # _vec_key of the vector of cached_gp
         self.cached_gp: torch.Tensor | None = None
+        self.weight: float | None = None  # quadrature weight of the stage (observers only)
 
 
 @dataclass
@@ -153,7 +150,8 @@ class TorchProblem:
             else None
         )
         self.counters = Counters()
-        self.observers: list[Observer] = []
+        # weight(t_stage, ptime, h) of an explicit RK stage in the adjoint (set by the solver)
+        self.stage_weight: Callable[[float, float, float], float | None] | None = None
         # checkpoint="graph": forward graphs [(t, x, x_leaf, out), ...] keyed by sum(x) (a
         # cheap fingerprint; a hit is confirmed by comparing x).  Not keyed by t: the adjoint
         # computes stage times with different rounding.
@@ -317,9 +315,11 @@ class TorchProblem:
                     for g, p in zip(gps, self.params, strict=True)
                 ]
             )
-        if want_p and self.observers:
-            for obs in self.observers:
-                obs(pt.t, pt.x, v, tuple(gps) if want_p else ())
+        if want_p and observers.active():
+            unflat = self.spec.unflatten
+            observers.notify(observers.VjpEvent(
+                func=part.func, t=pt.t, y=unflat(self._x(pt.x)), cotangent=unflat(v.to(out.dtype)),
+                weight=pt.weight, params=self.params, param_grads=tuple(gps)))
         return gx, gp
 
     def _jvp(self, part: _Part, v: torch.Tensor) -> torch.Tensor:
@@ -410,7 +410,13 @@ class TorchProblem:
 
     def rhs_jacobian_p(self, ts, t, X, Jp):
         self._reset_shells("rhs_p")
-        self._guard(t, lambda: self._set_point(self.explicit, t, X))
+
+        def body():
+            pt = self._set_point(self.explicit, t, X)
+            if self.stage_weight is not None and observers.active():
+                pt.weight = self.stage_weight(t, ts.getTime(), ts.getTimeStep())
+
+        self._guard(t, body)
 
     def zero_rhs(self, ts, t, X, F):
         F.zeroEntries()

@@ -26,6 +26,7 @@ from petsc4py import PETSc
 from ..errors import CheckpointError, SolverError
 from .checkpoint import Checkpoint
 from .methods import Method
+from .observers import stage_weights
 from .problem import TorchProblem, vec_view
 
 __all__ = ["SolveOptions", "SolveStats", "TSSolver", "StateStore", "reason_name"]
@@ -162,6 +163,11 @@ class TSSolver:
             ts.destroy()
             raise ValueError(f"PETSc has no {method.ts_type.upper()} tableau named "
                              f"{method.subtype!r} (method {method.name!r})") from None
+        if method.ts_type == "rk":
+            from .reference import TABLEAUX  # Butcher coefficients of PETSc's RK types
+
+            if method.subtype in TABLEAUX:
+                problem.stage_weight = stage_weights(*TABLEAUX[method.subtype])
         if method.ts_type == "theta":
             ts.setTheta(opts.theta if opts.theta is not None else method.theta)
             ts.setThetaEndpoint(opts.endpoint if opts.endpoint is not None else method.endpoint)

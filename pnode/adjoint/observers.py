@@ -1,0 +1,143 @@
+"""The engine's one extension point: observers of the adjoint sweep's parameter products.
+
+During ``TSAdjointSolve`` PETSc asks, at every stage of every step, for the
+product ``v^T df/dp`` of a cotangent ``v`` with the parameter Jacobian of
+``func`` at the stage point, and adds ``weight * v^T df/dp`` to the parameter
+gradient.  Subscribers (e.g. :mod:`pnode.control`'s second-order optimizer,
+which builds Kronecker factors from the layer activations and output gradients
+seen in these products) receive one :class:`VjpEvent` per product.  The
+event is delivered right after the backward pass that computed it, so torch
+module hooks on ``func``'s layers have just fired for that stage: forward
+hooks while the stage graph was built (``checkpoint="stages"``/``"solution"``;
+with ``"graph"`` they fired during the forward sweep) and backward hooks
+during the product.
+
+The engine never imports its subscribers.
+
+Examples
+--------
+>>> seen = []
+>>> handle = pnode.adjoint.observe_vjps(lambda ev: seen.append((ev.t, ev.weight)))
+>>> pnode.odeint(func, y0, t, method="rk4", options={"step_size": 0.1}).sum().backward()
+>>> handle.remove()
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["VjpEvent", "observe_vjps", "stage_weights"]
+
+
+@dataclass(frozen=True)
+class VjpEvent:
+    """One parameter vector-Jacobian product of an adjoint sweep.
+
+    Attributes
+    ----------
+    func : callable
+        The right-hand side (the whole ``func``, or one half of an IMEX split).
+    t : float
+        Stage time.
+    y : Tensor or tuple of Tensors
+        Stage state, in the state's structure and dtype.
+    cotangent : Tensor or tuple of Tensors
+        The cotangent ``v`` of the product, in the state's structure.
+    weight : float or None
+        The factor PETSc applies to this product before adding it to the
+        parameter gradient (step size times stage weight ``h * b_i`` for an
+        explicit Runge-Kutta stage with ``b_i != 0``, ``h`` for a stage with
+        ``b_i = 0``), so that the gradient is ``sum(weight * v^T df/dp)`` over
+        events.  ``None`` for implicit and IMEX methods, whose products enter
+        through linear solves.
+    params : tuple of Tensor
+        The parameters differentiated.
+    param_grads : tuple of Tensor or None
+        ``v^T df/dp`` for each parameter (``None`` where ``func`` does not use it).
+    """
+
+    func: Callable
+    t: float
+    y: torch.Tensor | tuple[torch.Tensor, ...]
+    cotangent: torch.Tensor | tuple[torch.Tensor, ...]
+    weight: float | None
+    params: tuple[torch.Tensor, ...]
+    param_grads: tuple[torch.Tensor | None, ...]
+
+
+# an OrderedDict: RemovableHandle keeps a weak reference to it
+_observers: OrderedDict[int, Callable[[VjpEvent], None]] = OrderedDict()
+
+
+def observe_vjps(callback: Callable[[VjpEvent], None]) -> RemovableHandle:
+    """Call ``callback(event)`` for every parameter product of every adjoint sweep.
+
+    Parameters
+    ----------
+    callback : callable
+        Receives a :class:`VjpEvent`; its return value is ignored.  An exception
+        it raises fails the backward pass like an exception in ``func``.
+
+    Returns
+    -------
+    torch.utils.hooks.RemovableHandle
+        ``handle.remove()`` unsubscribes.
+    """
+    if not callable(callback):
+        raise TypeError(f"observe_vjps needs a callable, got {type(callback).__name__}")
+    handle = RemovableHandle(_observers)
+    _observers[handle.id] = callback
+    return handle
+
+
+def active() -> bool:
+    """Whether anyone listens (the engine skips building events otherwise)."""
+    return bool(_observers)
+
+
+def notify(event: VjpEvent) -> None:
+    for callback in list(_observers.values()):
+        callback(event)
+
+
+def stage_weights(A: list[list[float]], b: list[float]) -> Callable[[float, float, float], float | None]:
+    """Weight of an explicit Runge-Kutta stage, from its time in the adjoint sweep.
+
+    PETSc's RK adjoint visits a step from its end: it reports the step's end time
+    ``ptime`` and a negative step ``h``, and evaluates stage ``i`` at
+    ``ptime + h (1 - c_i)``; it scales the stage's parameter product by ``-h b_i``
+    (``-h`` when ``b_i = 0``, whose cotangent carries the tableau weights itself).
+    Stages that share ``c_i`` must share the weight (true of PETSc's tableaux once
+    the last stage of a first-same-as-last tableau, which the adjoint skips, is
+    left out).
+
+    Parameters
+    ----------
+    A : list of list of float
+        Runge-Kutta matrix (``c_i`` are its row sums).
+    b : list of float
+        Weights of the tableau.
+
+    Returns
+    -------
+    callable
+        ``weight(t_stage, ptime, h)``, ``None`` when the time matches no stage.
+    """
+    c = [sum(row) for row in A]
+    coef = [bi if bi != 0 else 1.0 for bi in b]
+    if len(b) > 1 and all(abs(x - y) < 1e-15 for x, y in zip(A[-1], b, strict=True)):
+        c, coef = c[:-1], coef[:-1]  # first same as last: PETSc's adjoint skips that stage
+
+    def weight(t_stage: float, ptime: float, h: float) -> float | None:
+        if h == 0:
+            return None
+        ci = 1.0 - (t_stage - ptime) / h
+        found = {coef[i] for i in range(len(c)) if abs(c[i] - ci) < 1e-8}
+        return -h * found.pop() if len(found) == 1 else None
+
+    return weight
