@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# pnode's test command: lint, the serial suite, then the MPI suite under mpiexec -n 2.
+# pnode's test command: lint, the serial suite, then the MPI suite under mpiexec -n 2 and -n 3.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$ROOT"
@@ -13,7 +13,9 @@ echo "== ruff"
 echo "== serial tests"
 "$VENV/bin/python" -m pytest -q -m "not mpi" --timeout=900 tests "$@"
 
-echo "== MPI tests (mpiexec -n 2)"
 MPIEXEC=$(command -v mpiexec)
-timeout 600 "$MPIEXEC" -n 2 "$VENV/bin/python" -m pytest -q -m mpi --timeout=300 \
-  -p no:cacheprovider tests/mpi
+for n in 2 3; do  # 3 ranks: uneven shards, and more ranks than this machine's 2 cores
+  echo "== MPI tests (mpiexec -n $n)"
+  timeout 600 "$MPIEXEC" -n "$n" "$VENV/bin/python" -m pytest -q -m mpi --timeout=300 \
+    -p no:cacheprovider tests/mpi
+done

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint
+from .distributed import Distributed, agree, as_comm
 from .function import Lease, OdeintFunction
 from .methods import Method, resolve_method
 from .problem import TorchProblem
@@ -97,14 +98,21 @@ class _Call:
     """Everything one odeint call needs, shared by its forward and backward."""
 
     def __init__(self, func, spec: StateSpec, params: list[torch.Tensor], method: Method,
-                 opts: SolveOptions, n_times: int) -> None:
+                 opts: SolveOptions, n_times: int, dist: Distributed | None = None,
+                 shard_sizes: tuple[int, ...] = ()) -> None:
         self.func, self.spec, self.params, self.method, self.opts = func, spec, params, method, opts
+        self.dist = dist
         self.record = True  # a backward pass may follow (set by odeint)
         self.imex = isinstance(func, IMEX)
         if opts.jacobian == "auto":
-            self.jacobian = "dense" if spec.size <= DENSE_JACOBIAN_MAX else "matfree"
+            # dense LU is serial; a distributed solve uses Krylov (GMRES)
+            small = spec.size <= DENSE_JACOBIAN_MAX and dist is None
+            self.jacobian = "dense" if small else "matfree"
         else:
             self.jacobian = opts.jacobian
+        if dist is not None and self.jacobian != "matfree" and (method.implicit or self.imex):
+            raise ValueError(f"options['jacobian']={self.jacobian!r} is serial; with comm= use "
+                             "'matfree' (the default)")
         if self.jacobian == "blocks" and (spec.is_tuple or len(spec.shapes[0]) < 2):
             raise ValueError("options['jacobian']='blocks' needs a single state tensor of shape "
                              "[batch, ...]; got " + ", ".join(str(tuple(s)) for s in spec.shapes))
@@ -114,6 +122,9 @@ class _Call:
             # PETSc 3.26's TSSetEvaluationTimes frees and does not reallocate its arrays when
             # the number of times changes (a crash), so each count gets its own TS.
             n_times,
+            # collective solves: every rank must hit or miss the cache together (creating a
+            # TS is collective), so the key holds all ranks' shard sizes
+            None if dist is None else (dist.comm.py2f(), shard_sizes),
         )
 
     def _parts(self):
@@ -128,7 +139,7 @@ class _Call:
         explicit, implicit = self._parts()
         prob = TorchProblem(self.spec, self.params, explicit=explicit, implicit=implicit,
                             jacobian=self.jacobian)
-        return TSSolver(prob, self.method, self.opts)
+        return TSSolver(prob, self.method, self.opts, self.dist)
 
     def _bind(self, solver: TSSolver) -> None:
         explicit, implicit = self._parts()
@@ -178,15 +189,21 @@ class _Call:
         discrete solution (it differs from the derivative of the discrete map by
         the scheme's truncation error, since moving an output time moves a step).
         """
-        with torch.no_grad():
-            f = torch.stack([
-                self.spec.flatten(self.func(tk.to(self.spec.dtype), self.spec.unflatten(yk)))
-                .to(torch.float64)
-                for tk, yk in zip(t, ys, strict=True)
-            ])
-            gt = (g * f).sum(dim=1)
-            gt[0] = -((grad_y0 - g[0]) * f[0]).sum()
-        return gt.to(t.dtype)
+        def local():
+            with torch.no_grad():
+                f = torch.stack([
+                    self.spec.flatten(self.func(tk.to(self.spec.dtype), self.spec.unflatten(yk)))
+                    .to(torch.float64)
+                    for tk, yk in zip(t, ys, strict=True)
+                ])
+                gt = (g * f).sum(dim=1)
+                gt[0] = -((grad_y0 - g[0]) * f[0]).sum()
+            return gt
+
+        if self.dist is None:
+            return local().to(t.dtype)
+        # each rank holds its shard's share of the dot products: one reduction
+        return self.dist.sum(agree(self.dist.comm, local)).to(t.dtype)
 
     def split_param_grads(self, flat: torch.Tensor) -> list[torch.Tensor]:
         out, i = [], 0
@@ -352,6 +369,7 @@ def odeint(
     adjoint_params: Sequence[torch.Tensor] | None = None,
     checkpoint: str | Checkpoint = "stages",
     petsc_options: Mapping[str, Any] | None = None,
+    comm: Any = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Integrate ``dy/dt = func(t, y)`` with a PETSc TS; gradients by PETSc TSAdjoint.
 
@@ -396,6 +414,15 @@ def odeint(
     petsc_options : dict, optional
         PETSc options for this solve, without prefix (e.g. ``{"ts_adapt_type": "dsp"}``).
         Command-line options with prefix ``-pnode_`` take precedence.
+    comm : mpi4py or petsc4py communicator, optional
+        Data decomposition: every rank of ``comm`` calls ``odeint`` together with its
+        shard of the batch (the first axis of each state tensor; shards may be
+        uneven, trailing shapes, dtypes, times, method and options must agree).
+        The TS runs on ``comm``, so adaptive steps are the same as a serial solve of
+        the whole batch; each rank gets its shard's solution and gradient with
+        respect to its ``y0``, and the parameter gradients summed over ranks
+        (identical on every rank; one allreduce per backward pass).  A failure on
+        one rank raises on every rank.  Implicit methods use matrix-free Krylov.
 
     Returns
     -------
@@ -420,23 +447,35 @@ def odeint(
     >>> ys.shape
     torch.Size([5, 8, 2])
     """
-    # 1. check inputs
-    if not callable(func):
-        raise TypeError(f"func must be callable, got {type(func).__name__}")
-    tensors = _check_state(y0)
-    t = _check_times(t)
-    m = resolve_method(method)
-    opts = _build_options(m, rtol, atol, options, checkpoint, petsc_options,
-                          isinstance(func, IMEX))
-    params = _collect_params(func, adjoint_params)
+    mpi = as_comm(comm)
+    dist = Distributed(mpi) if mpi is not None and mpi.Get_size() > 1 else None
 
-    # 2. normalise: flat state, times in the state's dtype for func
-    spec = StateSpec.from_state(y0 if isinstance(y0, (tuple, list)) else tensors[0])
-    flat = spec.flatten(tuple(tensors) if spec.is_tuple else tensors[0])
-    t_out = t.to(spec.dtype) if t.dtype != spec.dtype else t
+    def prepare():
+        # 1. check inputs
+        if not callable(func):
+            raise TypeError(f"func must be callable, got {type(func).__name__}")
+        tensors = _check_state(y0)
+        tt = _check_times(t)
+        m = resolve_method(method)
+        opts = _build_options(m, rtol, atol, options, checkpoint, petsc_options,
+                              isinstance(func, IMEX))
+        params = _collect_params(func, adjoint_params)
+
+        # 2. normalise: flat state, times in the state's dtype for func
+        spec = StateSpec.from_state(y0 if isinstance(y0, (tuple, list)) else tensors[0])
+        flat = spec.flatten(tuple(tensors) if spec.is_tuple else tensors[0])
+        t_out = tt.to(spec.dtype) if tt.dtype != spec.dtype else tt
+        return m, opts, params, spec, flat, t_out
+
+    if dist is None:
+        m, opts, params, spec, flat, t_out = prepare()
+        shards: tuple[int, ...] = ()
+    else:  # every rank checks, then all agree (a bad shard raises on every rank)
+        m, opts, params, spec, flat, t_out = agree(dist.comm, prepare)
+        shards = agree(dist.comm, lambda: dist.check_layout(spec, t_out, m.name, params, opts))
 
     # 3. solve
-    call = _Call(func, spec, params, m, opts, len(t_out))
+    call = _Call(func, spec, params, m, opts, len(t_out), dist, shards)
     # Inside autograd.Function.forward grad mode is off and needs_input_grad ignores
     # torch.no_grad(), so whether a backward can follow is decided here: under no_grad
     # no trajectory is kept (it would cost memory in proportion to the steps).

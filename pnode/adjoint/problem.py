@@ -163,6 +163,9 @@ class TorchProblem:
         self._entry_bytes: int | None = None  # memory one kept evaluation holds
         self.error: BaseException | None = None  # first exception raised inside a callback
         self.error_t: float | None = None
+        # Collective (MPI) solves: a failing callback must not raise into PETSc while the
+        # other ranks wait in a collective; it records the error and returns NaN instead.
+        self.collective = False
         self._ijac_shift = 0.0
         self.shells: dict[str, list[_ShellContext]] = {}
 
@@ -182,14 +185,26 @@ class TorchProblem:
             raise FloatingPointError(f"{part.name} returned NaN or Inf at t={t:.6g}")
         return flat
 
-    def _guard(self, t: float, fn: Callable[[], None]) -> None:
-        """Run a callback body; remember the first exception so the solver can re-raise it."""
+    def _guard(self, t: float, fn: Callable[[], None], out: PETSc.Vec | None = None) -> None:
+        """Run a callback body; remember the first exception so the solver can re-raise it.
+
+        In a collective solve the exception is not raised into PETSc: ``out`` is filled
+        with NaN (and so is every later output) and the solver's agreement step after
+        the solve raises it on every rank.
+        """
+        if self.collective and self.error is not None:
+            if out is not None:
+                out.set(float("nan"))
+            return
         try:
             fn()
         except BaseException as exc:
             if self.error is None:
                 self.error, self.error_t = exc, t
-            raise
+            if not self.collective:
+                raise
+            if out is not None:
+                out.set(float("nan"))
 
     def reset_error(self) -> None:
         self.error = None
@@ -402,7 +417,7 @@ class TorchProblem:
             self._keep_graph(t, xc, xr, out)
             vec_view(F, "w").copy_(out.detach())
 
-        self._guard(t, body)
+        self._guard(t, body, F)
 
     def rhs_jacobian(self, ts, t, X, J, P):
         self._reset_shells("rhs_x")
@@ -432,7 +447,7 @@ class TorchProblem:
                 f = self._eval(self.implicit, t, vec_view(X))
                 torch.sub(vec_view(Xdot), f.to(torch.float64), out=vec_view(F, "w"))
 
-        self._guard(t, body)
+        self._guard(t, body, F)
 
     def ijacobian(self, ts, t, X, Xdot, shift, J, P):
         self._reset_shells("ijac_x")
@@ -519,7 +534,7 @@ class _ShellContext:
             vec_view(y, "w").copy_(out)
             self._finish(x, y)
 
-        prob._guard(self.part.point.t if self.part.point else 0.0, body)
+        prob._guard(self.part.point.t if self.part.point else 0.0, body, y)
 
     def multTranspose(self, mat, x, y):
         prob = self.prob
@@ -558,4 +573,4 @@ class _ShellContext:
                     torch.neg(gp, out=out)
             self._finish(x, y)
 
-        prob._guard(part.point.t if part.point else 0.0, body)
+        prob._guard(part.point.t if part.point else 0.0, body, y)

@@ -25,6 +25,7 @@ from petsc4py import PETSc
 
 from ..errors import CheckpointError, SolverError
 from .checkpoint import Checkpoint
+from .distributed import Distributed
 from .methods import Method
 from .observers import stage_weights
 from .problem import TorchProblem, vec_view
@@ -129,16 +130,18 @@ class TSSolver:
         The scheme.
     opts : SolveOptions
         Tolerances, step control, checkpointing and PETSc options.
-    comm : PETSc.Comm
-        Communicator of the TS (``COMM_SELF`` for serial solves).
+    dist : Distributed, optional
+        The communicator of a data-parallel solve (``None``: serial, ``COMM_SELF``).
     """
 
     def __init__(self, problem: TorchProblem, method: Method, opts: SolveOptions,
-                 comm: PETSc.Comm | None = None) -> None:
+                 dist: Distributed | None = None) -> None:
         self.problem = problem
         self.method = method
         self.opts = opts
-        self.comm = comm or PETSc.COMM_SELF
+        self.dist = dist
+        self.comm = dist.petsc if dist is not None else PETSc.COMM_SELF
+        problem.collective = dist is not None
         self.fixed = opts.step_size is not None or not method.adaptive
         self.busy = False  # a forward trajectory waits for its adjoint
         self.broken = False  # a PETSc error left the objects unusable: rebuild
@@ -229,7 +232,8 @@ class TSSolver:
         return v
 
     def _shell(self, m: int, n: int, kind: str) -> PETSc.Mat:
-        mat = PETSc.Mat().createPython(((m, m), (n, n)), context=self.problem.shell(kind),
+        # local sizes given, global ones summed over the communicator's ranks
+        mat = PETSc.Mat().createPython(((m, None), (n, None)), context=self.problem.shell(kind),
                                        comm=self.comm)
         mat.setUp()
         self._objs.append(mat)
@@ -346,6 +350,31 @@ class TSSolver:
         if step > self._steps[-1][0]:
             self._steps.append((step, t))
 
+    def _sync(self, phase: str, t_target: float, petsc_error: Exception | None = None) -> None:
+        """Collective solves: raise on every rank if a callback failed on any rank.
+
+        The failing rank raises its own exception (through :meth:`_fail`); the
+        others raise a :class:`SolverError` quoting it.  Serial solves: no-op.
+        (A NaN returned by the failing rank may also make a collective PETSc
+        operation fail on every rank: ``petsc_error``.)
+        """
+        if self.dist is None:
+            return
+        prob = self.problem
+        bad = self.dist.failures(prob.error, prob.error_t)
+        if not bad:
+            return
+        if prob.error is not None:
+            self._fail(phase, t_target, petsc_error)
+        self.busy = False
+        if petsc_error is not None:
+            self.broken = True
+        else:
+            self._configure()
+        rank, msg, t_fail = bad[0]
+        raise SolverError(f"{phase} solve stopped: rank {rank} failed with {msg}", t=t_fail,
+                          reason="RANK_FAILED", steps=self.ts.getStepNumber(), phase=phase)
+
     def _fail(self, phase: str, t_target: float, petsc_error: Exception | None = None) -> None:
         """Turn a failed PETSc solve into the right Python exception.
 
@@ -446,7 +475,9 @@ class TSSolver:
         try:
             ts.solve(self.x)
         except PETSc.Error as exc:
+            self._sync("forward", tt[-1], exc)
             self._fail("forward", tt[-1], exc)
+        self._sync("forward", tt[-1])
         if prob.error is not None or ts.getConvergedReason() < 0:
             self._fail("forward", tt[-1])
         sol_times, sol_vecs = ts.getEvaluationSolutions()
@@ -474,7 +505,15 @@ class TSSolver:
 
     def _adjoint_finite(self) -> bool:
         ok = bool(torch.isfinite(vec_view(self.lam)).all())
-        return ok and (not self.n_params or bool(torch.isfinite(vec_view(self.mu)).all()))
+        ok = ok and (not self.n_params or bool(torch.isfinite(vec_view(self.mu)).all()))
+        return ok if self.dist is None else self.dist.all_true(ok)
+
+    def _param_gradient(self) -> torch.Tensor:
+        """The parameter gradient: this rank's block, summed over ranks (one allreduce)."""
+        if not self.n_params:
+            return torch.zeros(0, dtype=torch.float64)
+        mu = vec_view(self.mu).clone()
+        return self.dist.sum(mu) if self.dist is not None else mu
 
     def _initial_step(self, t0: float, y0: torch.Tensor, span: float) -> float:
         """Starting step for adaptive solves (Hairer, Norsett & Wanner, Sec. II.4).
@@ -492,19 +531,39 @@ class TSSolver:
                 out = out + prob._eval(prob.implicit, t, y).to(torch.float64)
             return out
 
+        dist = self.dist
+
+        def norms(*vs):
+            # RMS norms over the whole (possibly distributed) state: one reduction
+            sq = torch.stack([((v / scale) ** 2).sum() for v in vs]
+                             + [torch.tensor(float(y0.numel()), dtype=torch.float64)])
+            sq = dist.sum(sq) if dist is not None else sq.to(torch.float64)
+            count = float(sq[-1])
+            return [float(torch.sqrt(x / count)) if count else 0.0 for x in sq[:-1]]
+
+        def guarded(t, y):
+            # a failure on one rank must not skip the others' reductions
+            try:
+                return f(t, y)
+            except BaseException as exc:
+                if dist is None:
+                    raise
+                if prob.error is None:
+                    prob.error, prob.error_t = exc, t
+                return torch.full_like(y, float("nan"))
+
         try:
             with torch.no_grad():
                 scale = o.atol + o.rtol * y0.abs()
-
-                def norm(v):
-                    return float(torch.sqrt(torch.mean((v / scale) ** 2))) if v.numel() else 0.0
-
-                f0 = f(t0, y0)
-                d0, d1 = norm(y0), norm(f0)
+                f0 = guarded(t0, y0)
+                d0, d1 = norms(y0, f0)
+                self._sync("forward", t0)
                 h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
                 h0 = min(h0, span)
-                f1 = f(t0 + h0, y0 + h0 * f0)
-                d2 = norm(f1 - f0) / h0
+                f1 = guarded(t0 + h0, y0 + h0 * f0)
+                (d2,) = norms(f1 - f0)
+                self._sync("forward", t0)
+                d2 /= h0
                 order = max(self.method.order, 1)
                 if max(d1, d2) <= 1e-15:
                     h1 = max(1e-6, h0 * 1e-3)
@@ -549,6 +608,7 @@ class TSSolver:
                     ts.adjointSetSteps(nsteps)
                     ts.adjointSolve()
                     reason = ts.getConvergedReason()
+                    self._sync("adjoint", self.stats.step_times[self.seg_steps[k - 1]])
                     if prob.error is not None or reason < 0:
                         self._fail("adjoint", self.stats.step_times[self.seg_steps[k - 1]])
                     if not self._adjoint_finite():
@@ -561,12 +621,13 @@ class TSSolver:
                 lam = vec_view(self.lam, "w")
                 lam.add_(grad_ys[k - 1])
         except PETSc.Error as exc:
+            self._sync("adjoint", float("nan"), exc)
             self._fail("adjoint", float("nan"), exc)
         finally:
             self.busy = False
             prob.keep_graphs(False)
         grad_y0 = vec_view(self.lam).clone()
-        grad_p = vec_view(self.mu).clone() if self.n_params else torch.zeros(0, dtype=torch.float64)
+        grad_p = self._param_gradient()
         self.stats.vjps = prob.counters.vjp - v0
         self.stats.graph_hits = prob.counters.graph_hits - h0
         self.stats.adjoint_seconds = _time.perf_counter() - start
@@ -598,7 +659,9 @@ class TSSolver:
         try:
             ts.solve(self.x)
         except PETSc.Error as exc:
+            self._sync("adjoint", times[k + 1], exc)
             self._fail("adjoint", times[k + 1], exc)
+        self._sync("adjoint", times[k + 1])
         if self.problem.error is not None or ts.getConvergedReason() < 0 \
                 or ts.getStepNumber() != k + 1:
             self._fail("adjoint", times[k + 1])
@@ -656,6 +719,7 @@ class TSSolver:
                 elif isinstance(action, cs.Reverse):
                     ts.adjointSetSteps(action.n1 - action.n0)
                     ts.adjointSolve()
+                    self._sync("adjoint", self.stats.step_times[action.n0])
                     if prob.error is not None or ts.getConvergedReason() < 0:
                         self._fail("adjoint", self.stats.step_times[action.n0])
                     if action.n0 in out_at and action.n0 != n:
@@ -666,6 +730,7 @@ class TSSolver:
                 elif isinstance(action, cs.EndReverse):
                     break
         except PETSc.Error as exc:
+            self._sync("adjoint", float("nan"), exc)
             self._fail("adjoint", float("nan"), exc)
         finally:
             self.busy = False
@@ -679,7 +744,7 @@ class TSSolver:
         st.disk_writes = store.disk_writes
         st.vjps = prob.counters.vjp - v0
         st.adjoint_seconds = _time.perf_counter() - start
-        grad_p = vec_view(self.mu).clone() if self.n_params else torch.zeros(0, dtype=torch.float64)
+        grad_p = self._param_gradient()
         return vec_view(self.lam).clone(), grad_p
 
 

@@ -1,0 +1,130 @@
+"""Data decomposition: one solve spread over the ranks of a communicator.
+
+Each rank passes its shard of the batch (the first axis of every state tensor;
+shards may be uneven).  The TS runs on the communicator with a distributed
+state Vec, so adaptive error norms are global and every rank takes the same
+steps as a serial solve of the whole batch.  The parameter cost-gradient Vec
+holds one full parameter block per rank: each rank accumulates its shard's
+stage contributions locally, and one allreduce after the adjoint sweep gives
+every rank the summed gradient (a constant number of reductions per backward
+pass, not one per stage).
+
+Failures must not deadlock: a rank whose callback fails does not raise into
+PETSc (the other ranks would wait in the next collective); it records the
+exception and returns NaN, the solve ends on every rank, and an agreement step
+after each solve raises on every rank, the failing rank with its own exception
+and the others with a :class:`pnode.SolverError` quoting it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from petsc4py import PETSc
+
+__all__ = ["Distributed", "as_comm", "agree"]
+
+
+def as_comm(comm: Any):
+    """An mpi4py communicator from an mpi4py or petsc4py one (``None``: no distribution)."""
+    if comm is None:
+        return None
+    if isinstance(comm, PETSc.Comm):
+        return comm.tompi4py()
+    from mpi4py import MPI
+
+    if not isinstance(comm, MPI.Comm):
+        raise TypeError(f"comm must be an mpi4py or petsc4py communicator, got {type(comm).__name__}")
+    return comm
+
+
+def agree(comm, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on every rank; if it raises on any rank, raise on every rank.
+
+    Used for input checks before collective work: a ``ValueError`` on one rank
+    (say a NaN in its shard) becomes the same ``ValueError`` on all ranks,
+    naming the rank, instead of leaving the others waiting in a collective.
+    """
+    try:
+        result, failure = fn(), None
+    except (ValueError, TypeError) as exc:
+        result, failure = None, (type(exc).__name__, str(exc))
+    failures = comm.allgather(failure)
+    bad = [(r, f) for r, f in enumerate(failures) if f is not None]
+    if bad:
+        rank, (kind, msg) = bad[0]
+        cls = TypeError if kind == "TypeError" else ValueError
+        raise cls(msg if rank == comm.Get_rank() else f"on rank {rank}: {msg}")
+    return result
+
+
+class Distributed:
+    """The communicator of a data-parallel solve and the collectives the engine needs.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm
+        Communicator of the solve (size > 1).
+    """
+
+    def __init__(self, comm) -> None:
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self.petsc = PETSc.Comm(comm)
+
+    def check_layout(self, spec, t: torch.Tensor, method: str, params, opts_key) -> tuple:
+        """Agree on everything but the shard sizes; return every rank's local sizes.
+
+        Raises
+        ------
+        ValueError
+            On every rank, when ranks disagree on the state's trailing shape,
+            dtype or structure, the output times, the method, the options or the
+            parameter shapes.
+        """
+        mine = {
+            "state structure": (spec.is_tuple, len(spec.shapes)),
+            "state trailing shape": tuple(tuple(s[1:]) for s in spec.shapes),
+            "state dtype": str(spec.dtype),
+            "output times": tuple(t.tolist()),
+            "method": method,
+            "options": repr(opts_key),
+            "parameter shapes": tuple((tuple(p.shape), str(p.dtype)) for p in params),
+        }
+        if any(len(s) == 0 for s in spec.shapes):
+            raise ValueError("with comm=, every state tensor needs a leading batch axis to shard")
+        layouts = self.comm.allgather((mine, spec.size))
+        for r, (other, _) in enumerate(layouts):
+            for key, value in mine.items():
+                if other[key] != value:
+                    raise ValueError(
+                        f"ranks disagree on the {key}: rank {self.rank} has {value!r}, rank {r} "
+                        f"has {other[key]!r}; only the first (batch) axis may differ between ranks")
+        return tuple(n for _, n in layouts)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum a float64 tensor over the ranks (one allreduce)."""
+        from mpi4py import MPI
+
+        buf = x.detach().to(torch.float64).contiguous().numpy().copy()
+        self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        return torch.from_numpy(buf)
+
+    def failures(self, error: BaseException | None, t: float | None) -> list[tuple[int, str, float]]:
+        """Agreement after a solve: every rank learns which ranks' callbacks failed.
+
+        Returns
+        -------
+        list of (rank, message, time)
+            Empty when no rank failed.
+        """
+        mine = None if error is None else (f"{type(error).__name__}: {error}",
+                                           float("nan") if t is None else float(t))
+        return [(r, f[0], f[1]) for r, f in enumerate(self.comm.allgather(mine)) if f is not None]
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank."""
+        return all(self.comm.allgather(bool(flag)))

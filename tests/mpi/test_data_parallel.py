@@ -1,0 +1,143 @@
+"""Data decomposition (``odeint(..., comm=)``): gradients equal the serial solve of the whole batch.
+
+Run under ``mpiexec -n 2`` and ``-n 3`` (test.sh).  Every rank builds the same
+full batch and model (same seeds), solves the whole batch serially on
+COMM_SELF as the reference, and its uneven shard with ``comm=COMM_WORLD``.
+"""
+
+import time
+
+import pytest
+import torch
+from mpi4py import MPI
+
+import pnode
+from tests.models import TimeMLP, rel_err
+
+pytestmark = pytest.mark.mpi
+
+COMM = MPI.COMM_WORLD
+RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
+T = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
+
+
+def _shards(n):
+    """Uneven contiguous shards: rank r gets n // size items, plus one for the first n % size."""
+    sizes = [n // SIZE + (1 if r < n % SIZE else 0) for r in range(SIZE)]
+    start = sum(sizes[:RANK])
+    return slice(start, start + sizes[RANK])
+
+
+def _problem(n=2 * SIZE + 1):
+    torch.manual_seed(0)
+    func = TimeMLP().double()
+    y0 = torch.randn(n, 3, dtype=torch.float64)
+    w = torch.randn(len(T), n, 3, dtype=torch.float64)
+    return func, y0, w
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("rk4", {"options": {"step_size": 0.05}}),
+    ("dopri5", {"rtol": 1e-8}),
+    ("trapezoid", {"options": {"step_size": 0.1}}),
+    ("kencarp4", {"rtol": 1e-6}),
+])
+def test_gradients_equal_serial(method, kw):
+    func, y0, w = _problem()
+    params = list(func.parameters())
+    # serial reference: the whole batch on this rank alone
+    y_ref = y0.clone().requires_grad_()
+    ys_ref = pnode.odeint(func, y_ref, T, method=method, **kw)
+    steps_ref = pnode.last_stats().steps
+    g_ref = torch.autograd.grad((ys_ref * w).sum(), [y_ref, *params])
+    # distributed: this rank's shard
+    sl = _shards(y0.shape[0])
+    y_loc = y0[sl].clone().requires_grad_()
+    ys = pnode.odeint(func, y_loc, T, method=method, comm=COMM, **kw)
+    assert pnode.last_stats().steps == steps_ref  # global error norms: the same steps
+    g = torch.autograd.grad((ys * w[:, sl]).sum(), [y_loc, *params])
+    assert rel_err(ys, ys_ref[:, sl]) < 1e-12
+    assert rel_err(g[0], g_ref[0][sl]) < 1e-10
+    for a, b in zip(g[1:], g_ref[1:], strict=True):
+        assert rel_err(a, b) < 1e-10
+    # identical on every rank
+    flat = torch.cat([a.reshape(-1) for a in g[1:]])
+    assert all(torch.equal(flat, other) for other in COMM.allgather(flat))
+
+
+def test_time_gradient_sums_over_ranks():
+    func, y0, w = _problem()
+    t_ref = T.clone().requires_grad_()
+    ys_ref = pnode.odeint(func, y0, t_ref, method="dopri5", rtol=1e-8)
+    (gt_ref,) = torch.autograd.grad((ys_ref * w).sum(), [t_ref])
+    sl = _shards(y0.shape[0])
+    t_loc = T.clone().requires_grad_()
+    ys = pnode.odeint(func, y0[sl], t_loc, method="dopri5", rtol=1e-8, comm=COMM)
+    (gt,) = torch.autograd.grad((ys * w[:, sl]).sum(), [t_loc])
+    assert rel_err(gt, gt_ref) < 1e-10
+
+
+def test_disagreeing_shapes_raise_on_every_rank():
+    func, y0, _ = _problem()
+    bad = torch.randn(2, 3 if RANK == 0 else 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="ranks disagree on the state trailing shape"):
+        pnode.odeint(func, bad, T, method="rk4", options={"step_size": 0.1}, comm=COMM)
+
+
+def test_bad_input_on_one_rank_raises_on_every_rank():
+    func, y0, _ = _problem()
+    y = y0[_shards(y0.shape[0])].clone()
+    if RANK == SIZE - 1:
+        y[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        pnode.odeint(func, y, T, method="rk4", options={"step_size": 0.1}, comm=COMM)
+
+
+class _FailOn(torch.nn.Module):
+    """A field that raises on one rank once time passes ``t_fail`` (forward or adjoint)."""
+
+    def __init__(self, rank, t_fail):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3).double()
+        self.rank, self.t_fail, self.armed = rank, t_fail, True
+
+    def forward(self, t, y):
+        if self.armed and RANK == self.rank and float(t) >= self.t_fail:
+            raise RuntimeError("injected failure")
+        return torch.tanh(self.lin(y))
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("rk4", {"options": {"step_size": 0.01}}),
+    ("dopri5", {"rtol": 1e-7}),
+    ("trapezoid", {"options": {"step_size": 0.05}}),
+])
+def test_forward_failure_on_one_rank_ends_every_rank_promptly(method, kw):
+    func = _FailOn(SIZE - 1, 0.5)
+    y0 = torch.randn(2, 3, dtype=torch.float64)
+    start = time.perf_counter()
+    if RANK == SIZE - 1:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            pnode.odeint(func, y0, T, method=method, comm=COMM, **kw)
+    else:
+        with pytest.raises(pnode.SolverError, match=f"rank {SIZE - 1} failed with RuntimeError: "
+                                                    "injected failure") as info:
+            pnode.odeint(func, y0, T, method=method, comm=COMM, **kw)
+        assert info.value.reason == "RANK_FAILED"
+    assert time.perf_counter() - start < 30
+    func.armed = False  # every rank's solver is usable again
+    ys = pnode.odeint(func, y0, T, method=method, comm=COMM, **kw)
+    assert torch.isfinite(ys).all()
+
+
+def test_adjoint_failure_on_one_rank_ends_every_rank():
+    func = _FailOn(0, 2.0)  # never fails in the forward (t <= 1)
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    ys = pnode.odeint(func, y0, T, method="rk4", options={"step_size": 0.05}, comm=COMM)
+    func.t_fail = 0.0  # now fails on rank 0 as soon as the adjoint evaluates func
+    if RANK == 0:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            ys.sum().backward()
+    else:
+        with pytest.raises(pnode.SolverError, match="rank 0 failed"):
+            ys.sum().backward()
