@@ -141,3 +141,44 @@ def test_adjoint_failure_on_one_rank_ends_every_rank():
     else:
         with pytest.raises(pnode.SolverError, match="rank 0 failed"):
             ys.sum().backward()
+
+
+def test_data_parallel_training_step_equals_serial():
+    from pnode.parallel import DataParallel
+
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4).double()
+
+        def forward(self, t, y):
+            return torch.tanh(self.lin(y))
+
+    def build(comm):
+        torch.manual_seed(1)
+        return torch.nn.Sequential(
+            torch.nn.Linear(3, 4).double(),
+            pnode.NeuralODE(Field(), method="rk4", options={"step_size": 0.1}, comm=comm),
+            torch.nn.Linear(4, 2).double())
+
+    torch.manual_seed(2)
+    X, Y = torch.randn(2 * SIZE + 1, 3, dtype=torch.float64), torch.randn(2 * SIZE + 1, 2,
+                                                                            dtype=torch.float64)
+    serial = build(None)
+    ((serial(X) - Y) ** 2).sum().div(len(X)).backward()
+    model = build(COMM)
+    dp = DataParallel(model, COMM)
+    x, y = dp.shard(X), dp.shard(Y)
+    ((model(x) - y) ** 2).sum().div(dp.global_count(len(x))).backward()
+    dp.reduce_gradients()
+    for p, q in zip(model.parameters(), serial.parameters(), strict=True):
+        assert rel_err(p.grad, q.grad) < 1e-10
+
+
+def test_data_parallel_refuses_ode_blocks_without_comm():
+    from pnode.parallel import DataParallel
+
+    field = torch.nn.Linear(2, 2).double()
+    model = torch.nn.Sequential(pnode.NeuralODE(lambda t, y: field(y), method="rk4"))
+    with pytest.raises(ValueError, match="comm=dp.comm"):
+        DataParallel(model, COMM)
