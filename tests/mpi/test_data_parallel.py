@@ -182,3 +182,14 @@ def test_data_parallel_refuses_ode_blocks_without_comm():
     model = torch.nn.Sequential(pnode.NeuralODE(lambda t, y: field(y), method="rk4"))
     with pytest.raises(ValueError, match="comm=dp.comm"):
         DataParallel(model, COMM)
+
+
+def test_mpi_example_trains_with_identical_replicas():
+    import runpy
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "mpi_data_parallel.py"
+    main = runpy.run_path(str(path))["main"]
+    out = main(["--epochs", "3"])
+    assert out["last_loss"] < out["first_loss"]
+    assert all(o == out for o in COMM.allgather(out))  # every rank agrees
