@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         loss.backward()
         dp.reduce_gradients()
         opt.step()
-        total = comm.allreduce(float(loss))
+        total = comm.allreduce(float(loss.detach()))
         losses.append(total)
         dp.log(f"epoch {epoch:3d}  train loss {total:.4f}")
     with torch.no_grad():
