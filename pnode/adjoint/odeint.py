@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import weakref
@@ -472,7 +473,11 @@ def odeint(
         shards: tuple[int, ...] = ()
     else:  # every rank checks, then all agree (a bad shard raises on every rank)
         m, opts, params, spec, flat, t_out = agree(dist.comm, prepare)
-        shards = agree(dist.comm, lambda: dist.check_layout(spec, t_out, m.name, params, opts))
+        # the checkpoint directory may differ between ranks (node-local scratch)
+        ck = opts.checkpoint
+        same = (dataclasses.replace(opts, checkpoint=Checkpoint("stages")), ck.kind, ck.budget,
+                ck.disk_budget, ck.memory_mib)
+        shards = agree(dist.comm, lambda: dist.check_layout(spec, t_out, m.name, params, same))
 
     # 3. solve
     call = _Call(func, spec, params, m, opts, len(t_out), dist, shards)

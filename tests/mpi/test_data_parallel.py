@@ -193,3 +193,22 @@ def test_mpi_example_trains_with_identical_replicas():
     out = main(["--epochs", "3"])
     assert out["last_loss"] < out["first_loss"]
     assert all(o == out for o in COMM.allgather(out))  # every rank agrees
+
+
+@pytest.mark.parametrize("policy", ["graph", "solution", "binomial", "disk"])
+def test_checkpoint_policies_under_mpi_equal_serial(policy, tmp_path):
+    func, y0, w = _problem()
+    params = list(func.parameters())
+    ck = {"binomial": pnode.Checkpoint.binomial(3),
+          "disk": pnode.Checkpoint.disk(tmp_path, ram_budget=1)}.get(policy, policy)
+    kw = {"method": "rk4", "options": {"step_size": 0.1}}
+    y_ref = y0.clone().requires_grad_()
+    g_ref = torch.autograd.grad((pnode.odeint(func, y_ref, T, **kw) * w).sum(), [y_ref, *params])
+    sl = _shards(y0.shape[0])
+    y_loc = y0[sl].clone().requires_grad_()
+    ys = pnode.odeint(func, y_loc, T, checkpoint=ck, comm=COMM, **kw)
+    g = torch.autograd.grad((ys * w[:, sl]).sum(), [y_loc, *params])
+    assert rel_err(g[0], g_ref[0][sl]) < 1e-10
+    for a, b in zip(g[1:], g_ref[1:], strict=True):
+        assert rel_err(a, b) < 1e-10
+    assert list(tmp_path.iterdir()) == []
