@@ -393,7 +393,7 @@ class RMTR:
     def _cycle(self, l: int, st: _State) -> None:
         o = self.options
         if l == 0:
-            n = o["coarse_iterations"] if self.n_levels > 1 else 1
+            n = 1 if l == self._top else o["coarse_iterations"]
             for _ in range(n):
                 if not self._smooth(l, st):
                     break

@@ -66,6 +66,8 @@ class LSR1:
         self.U: torch.Tensor | None = None
         self.c: torch.Tensor | None = None
         self.skipped = 0
+        self.n: int | None = None
+        self.dtype = torch.float64
 
     def __len__(self) -> int:
         return 0 if self.c is None else int(self.c.numel())
@@ -84,10 +86,11 @@ class LSR1:
 
     def dense(self) -> torch.Tensor:
         """``B`` as a dense matrix (for tests and small problems)."""
-        n = self.U.shape[0] if self.U is not None else None
-        if n is None:
-            raise ValueError("dense() needs at least one stored pair to know the dimension")
-        B = self.gamma * torch.eye(n, dtype=self.U.dtype)
+        if self.n is None:
+            raise ValueError("dense() needs at least one update to know the dimension")
+        B = self.gamma * torch.eye(self.n, dtype=self.dtype)
+        if self.U is None:
+            return B
         return B + self.U @ torch.diag(self.c) @ self.U.T
 
     def _unsafe(self, s: torch.Tensor, u: torch.Tensor) -> bool:
@@ -102,6 +105,7 @@ class LSR1:
             Whether the pair was accepted (``B s = y`` holds afterwards).
         """
         s, y = s.detach(), y.detach()
+        self.n, self.dtype = s.numel(), s.dtype
         if not (torch.isfinite(s).all() and torch.isfinite(y).all()) or float(s.norm()) == 0.0:
             self.skipped += 1
             return False
@@ -114,7 +118,13 @@ class LSR1:
             lo, hi = self.gamma_bounds
             self.gamma = min(max(float(y @ y) / sy, lo), hi)
         self.pairs.append((s.clone(), y.clone()))
-        if not self._rebuild():
+        kept = self._rebuild()
+        if not kept and float((self.matvec(s) - y).norm()) <= 1e-12 * float(y.norm()):
+            # gamma alone now satisfies the secant condition (y parallel to s): nothing to store
+            self.pairs.pop()
+            self._rebuild()
+            return True
+        if not kept:
             # with the new gamma the pair became unsafe: keep the previous model
             self.pairs = deque(saved[0], maxlen=self.memory)
             self.gamma, self.U, self.c = saved[1], saved[2], saved[3]
