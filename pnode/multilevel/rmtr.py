@@ -51,8 +51,9 @@ _DEFAULTS: dict[str, Any] = {
     "gtol": 1e-10,
     "max_iterations": 100_000,
     "cycle": "V",  # "V", or "F": nested iteration from the coarsest level, then V-cycles
-    "nested_tol": 0.1,  # F-cycle: climb when 3 iterations reduce the loss by less than this fraction
-    "nested_max": 50,  # F-cycle: at most this many iterations on each coarse level
+    "nested_tol": 0.05,  # F-cycle: climb when nested_window iterations reduce the loss by less than this
+    "nested_window": 10,
+    "nested_max": 200,  # F-cycle: at most this many iterations on each coarse level
     "seed": 0,
     "progress": True,
 }
@@ -266,6 +267,8 @@ class RMTR:
             raise ValueError("Invalid radii: need min_radius < radius <= max_radius")
         if o["cycle"] not in ("V", "F"):
             raise ValueError(f"Invalid cycle {o['cycle']!r}; choose 'V' or 'F'")
+        if not (isinstance(o["nested_window"], int) and o["nested_window"] >= 1):
+            raise ValueError(f"Invalid nested_window {o['nested_window']!r}: pass a positive int")
         if not (isinstance(o["nested_max"], int) and o["nested_max"] >= 0):
             raise ValueError(f"Invalid nested_max {o['nested_max']!r}: pass a non-negative int")
         if not 0 <= o["nested_tol"] < 1:
@@ -329,7 +332,9 @@ class RMTR:
     def _update_radius(self, lvl: _Level, rho: float, snorm: float, r: float) -> None:
         o = self.options
         if rho < o["eta1"]:
-            lvl.radius = max(o["shrink"] * min(lvl.radius, snorm), 0.1 * o["min_radius"])
+            # shrink the radius, not the step: a short failed coarse correction says little about
+            # the region in which the fine model can be trusted
+            lvl.radius = max(o["shrink"] * min(lvl.radius, max(snorm, r)), 0.1 * o["min_radius"])
         elif rho >= o["eta2"] and snorm >= 0.9 * r:
             lvl.radius = min(o["expand"] * lvl.radius, o["max_radius"])
 
@@ -501,9 +506,10 @@ class RMTR:
                 x = st.x
                 sched.record(st.f)
                 level_losses.append(st.f)
+                w = o["nested_window"]
                 if top < fine and (len(level_losses) > o["nested_max"] or (
-                        len(level_losses) > 3 and
-                        level_losses[-4] - level_losses[-1] < o["nested_tol"] * abs(level_losses[-4]))):
+                        len(level_losses) > w and
+                        level_losses[-w - 1] - level_losses[-1] < o["nested_tol"] * abs(level_losses[-w - 1]))):
                     # nested iteration: prolongate to the next finer level and continue there
                     x = self.levels[top].transfer.prolong(x)
                     self._top = top + 1
