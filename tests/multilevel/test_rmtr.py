@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pnode.multilevel import RMTR, ResNet
+from pnode.multilevel import RMTR, ConvResNet, ResNet
 from pnode.multilevel import rmtr as rmtr_module
 
 
@@ -114,6 +114,16 @@ def test_regression_with_single_level_on_any_module():
     hist = RMTR(net, nn.MSELoss(), levels=1, progress=False).fit(X, y, epochs=20)
     assert hist.loss[-1] < 0.5 * hist.loss[0]
     assert all(math.isnan(a) for a in hist.accuracy)
+
+
+def test_conv_resnet_trains_on_two_levels():
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(24, 1, 4, 4, dtype=torch.float64, generator=gen)
+    y = (X.mean(dim=(1, 2, 3)) > 0).long()
+    net = ConvResNet(1, 3, 4, 2).double()
+    hist = RMTR(net, nn.CrossEntropyLoss(), levels=2, progress=False).fit(X, y, epochs=5)
+    assert hist.loss[-1] < hist.loss[0]
+    assert any(a > 0 for a in hist.accepted)
 
 
 # -- bad input --------------------------------------------------------------------------
