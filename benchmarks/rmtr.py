@@ -18,7 +18,7 @@ are excluded from every method's time and work.  One torch thread.
 Methods: RMTR with 3 levels as an F-cycle (nested iteration from depth/4, then
 V-cycles) and as plain V-cycles, the single-level L-SR1 trust region (``levels=1``,
 same code), Adam (lr 1e-2) and SGD with momentum (lr 0.1, 0.9), mini-batches of 128.
-RMTR runs deterministic (full batch).  Plots go to ``benchmarks/rmtr_<task>.png``.
+RMTR runs deterministic (full batch).  Plots go to ``bench-out/rmtr_<task>.png`` (``--plots DIR``).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tasks", nargs="+", default=["digits", "regression"])
     ap.add_argument("--cap", type=float, default=None, help="seconds per run (default 8 * depth / 16)")
-    ap.add_argument("--plots", default="benchmarks", help="directory for the PNG plots")
+    ap.add_argument("--plots", default="bench-out", help="directory for the PNG plots")
     args = ap.parse_args(argv)
     if args.quick:
         args.depths, args.repeats = [16], 1

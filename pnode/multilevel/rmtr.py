@@ -346,7 +346,7 @@ class RMTR:
         if rho < o["eta1"]:
             # shrink the radius, not the step: a short failed coarse correction says little about
             # the region in which the fine model can be trusted
-            lvl.radius = max(o["shrink"] * min(lvl.radius, max(snorm, r)), 0.1 * o["min_radius"])
+            lvl.radius = max(o["shrink"] * min(lvl.radius, r), 0.1 * o["min_radius"])
         elif rho >= o["eta2"] and snorm >= 0.9 * r:
             lvl.radius = min(o["expand"] * lvl.radius, o["max_radius"])
 
