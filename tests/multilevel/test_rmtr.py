@@ -38,8 +38,9 @@ def trial_log(monkeypatch):
 
 
 @pytest.mark.parametrize("levels,options", [
-    (1, {}), (2, {}), (3, {}), (3, {"subproblem": "cg", "prolongation": "linear"}),
-    (3, {"restriction": "injection", "post_smoothing": 0}),
+    (1, {}), (2, {"cycle": "V"}), (3, {"cycle": "V"}),
+    (3, {"cycle": "V", "subproblem": "cg", "prolongation": "linear"}),
+    (3, {"cycle": "V", "restriction": "injection", "post_smoothing": 0}),
 ])
 def test_deterministic_accepted_steps_never_increase_the_loss(levels, options, trial_log):
     X, y = _data()
@@ -67,7 +68,7 @@ def test_fit_leaves_the_trained_parameters_in_the_model():
 
 def test_history_records_every_field():
     X, y = _data()
-    hist = RMTR(_net(), nn.CrossEntropyLoss(), levels=3, progress=False).fit(X, y, epochs=3)
+    hist = RMTR(_net(), nn.CrossEntropyLoss(), levels=3, cycle="V", progress=False).fit(X, y, epochs=3)
     n = len(hist)
     for name in ("loss", "accuracy", "radius", "batch_size", "work", "time", "accepted", "level"):
         assert len(getattr(hist, name)) == n
@@ -78,10 +79,13 @@ def test_history_records_every_field():
     assert 1.0 < hist.work[0] < 3 * 4
 
 
-def test_f_cycle_climbs_from_the_coarsest_level():
+def test_f_cycle_climbs_from_the_coarsest_level(trial_log):
     X, y = _data()
     hist = RMTR(_net(), nn.CrossEntropyLoss(), levels=3, cycle="F", nested_max=2,
                 progress=False).fit(X, y, epochs=10)
+    assert all(after < before for _, before, after, ok, _ in trial_log if ok)
+    fine = [loss for loss, level in zip(hist.loss, hist.level, strict=True) if level == 2]
+    assert all(b <= a for a, b in zip(fine, fine[1:], strict=False))
     assert hist.level[0] == 0 and hist.level[-1] == 2
     assert hist.level == sorted(hist.level)
     assert hist.work[0] == pytest.approx(0.5)  # two gradients of the quarter-depth net
