@@ -135,7 +135,7 @@ def _fmt(v, spec=".2f"):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="depth 16, one repeat, short caps (~2 min)")
+    ap.add_argument("--quick", action="store_true", help="depth 16, one repeat (~2 min)")
     ap.add_argument("--depths", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tasks", nargs="+", default=["digits", "regression"])
@@ -159,7 +159,7 @@ def main(argv=None) -> None:
               f"reached {hi} | {metric} | time to {lo} / TR | time to {hi} / TR |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for depth in args.depths:
-            cap = args.cap or (4.0 if args.quick else 8.0) * depth / 16
+            cap = args.cap or 8.0 * depth / 16
             rows = {}
             for method in METHODS:
                 runs = [run_one(task, data, depth, method, seed, cap) for seed in range(args.repeats)]
