@@ -37,10 +37,10 @@ class CNF2D(Example):
     name = "cnf2d"
     summary = "continuous normalizing flow (FFJORD-style, exact trace) on a 2-D density"
     options = (
-        Option("iters", int, 2000, "training iterations", quick=100),
-        Option("lr", float, 3e-3, "Adam learning rate"),
+        Option("iters", int, 2000, "training iterations", quick=300),
+        Option("lr", float, 3e-3, "Adam learning rate", quick=5e-3),
         Option("dataset", str, "moons", "2-D density", choices=tuple(TOY_2D)),
-        Option("width", int, 64, "hidden width of the field", quick=32),
+        Option("width", int, 64, "hidden width of the field"),
         Option("depth", int, 2, "hidden layers of the field"),
         Option("T", float, 1.0, "flow time"),
         Option("method", str, "rk4", "pnode method (fixed steps unless adaptive with --steps 0)"),

@@ -29,7 +29,8 @@ class CNFTabular(Example):
     name = "cnf-tabular"
     summary = "continuous normalizing flow (Hutchinson trace) on a standardized scikit-learn dataset"
     options = (
-        Option("iters", int, 1500, "training iterations", quick=40),
+        Option("iters", int, 1500, "training iterations", quick=300),
+        Option("lr", float, 3e-3, "Adam learning rate"),
         Option("dataset", str, "breast_cancer", "bundled scikit-learn dataset", choices=TABULAR),
         Option("width", int, 128, "hidden width of the field", quick=64),
         Option("depth", int, 2, "hidden layers of the field"),

@@ -27,7 +27,7 @@ class Digits(Example):
     name = "digits"
     summary = "classification with an ODE block on scikit-learn's bundled 8x8 digits"
     options = (
-        Option("iters", int, 600, "training iterations", quick=80),
+        Option("iters", int, 2000, "training iterations", quick=300),
         Option("lr", float, 3e-3, "Adam learning rate"),
         Option("arch", str, "mlp", "encoder and field: dense or convolutional", choices=("mlp", "conv")),
         Option("width", int, 32, "ODE state width (features or channels)", quick=24),

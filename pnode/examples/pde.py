@@ -34,8 +34,8 @@ class BurgersClosure(Example):
     name = "pde"
     summary = "learn a closure for method-of-lines viscous Burgers with an IMEX method"
     options = (
-        Option("iters", int, 400, "training iterations", quick=40),
-        Option("lr", float, 1e-2, "Adam learning rate"),
+        Option("iters", int, 400, "training iterations", quick=100),
+        Option("lr", float, 2e-2, "Adam learning rate"),
         Option("n", int, 64, "grid points", quick=32),
         Option("nu", float, 0.1, "viscosity"),
         Option("amplitude", float, 1.0, "max |u0| of the initial conditions"),
