@@ -27,7 +27,7 @@ def _same_training(a, b):
 # spiral: mini-batches from the generator; cnf-tabular: Hutchinson noise too; rober: adaptive implicit
 # (rober with LBFGS, whose curvature history must survive the checkpoint)
 @pytest.mark.parametrize("name,n,extra", [
-    ("spiral", 6, []), ("cnf-tabular", 4, []), ("rober", 4, ["--n-obs", "6", "--t-end", "1"])])
+    ("spiral", 6, []), ("cnf-tabular", 4, []), ("rober", 2, ["--n-obs", "6", "--t-end", "1"])])
 def test_resume_equals_uninterrupted(name, n, extra, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     a = run(name, ["--quick", "--iters", str(n), "--out", str(full), "--no-progress", *extra])
