@@ -377,12 +377,14 @@ def run_example(cls: type[Example], argv: Sequence[str] = (), *,
     Raises
     ------
     ExampleError
-        Bad options, a non-empty output folder without ``--overwrite``, or a
-        checkpoint that cannot be used (:class:`CheckpointError`).  Nothing in the
+        Bad options, a non-empty output folder without ``--overwrite``, a
+        checkpoint that cannot be used (:class:`CheckpointError`), or an MPI job
+        of more than one rank (data-parallel training is not available yet).  Nothing in the
         output folder is changed in these cases.
     SystemExit
         From argparse, for an unknown flag (the message lists the valid ones).
     """
+    _check_serial()
     rest, petsc = split_petsc_options(list(argv))
     parser = build_parser(cls)
     ns, unknown = parser.parse_known_args(rest)
@@ -397,6 +399,16 @@ def run_example(cls: type[Example], argv: Sequence[str] = (), *,
     cfg["progress"] = ns.progress
     with _petsc_options(petsc):
         return _train(cls, cfg, out, saved, petsc)
+
+
+def _check_serial() -> None:
+    from petsc4py import PETSc
+
+    size = PETSc.COMM_WORLD.getSize()
+    if size > 1:
+        # Every rank would train the same replicated model and write the same files.
+        raise ExampleError(f"pnode run trains on one process, but this is an MPI job of {size} ranks; "
+                           "data-parallel training is not available yet: run it without mpiexec")
 
 
 class _petsc_options:

@@ -49,7 +49,7 @@ class Spiral(Example):
     name = "spiral"
     summary = "fit a 2-D spiral ODE from samples of a noisy trajectory"
     options = (
-        Option("iters", int, 1000, "training iterations", quick=400),
+        Option("iters", int, 1000, "training iterations", quick=300),
         Option("lr", float, 1e-2, "Adam learning rate"),
         Option("hidden", int, 50, "hidden width of the field"),
         Option("method", str, "rk4", "pnode method (steps of the sample spacing)"),
