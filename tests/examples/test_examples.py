@@ -59,3 +59,18 @@ def test_rober_recovers_rates(out):
     m = _check_outputs("rober", out, 9)["metrics"]
     assert m["k_initial_max_rel_error"] > 0.3
     assert m["k_max_rel_error"] < 0.05  # 1% noise: the rates come back to a few percent
+
+
+def test_plain_script(out):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}  # this checkout's pnode, not another install
+    cmd = [sys.executable, str(root / "examples" / "digits.py"), "--iters", "2", "--out", str(out),
+           "--no-progress"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert read_metrics(out)["iterations"] == 2
