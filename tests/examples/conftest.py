@@ -8,6 +8,8 @@ import pytest
 from pnode.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# a shorter spiral (fewer samples to generate, roll out and plot) for the resume tests
+SMALL_SPIRAL = ["--n-samples", "120", "--t-end", "3"]
 
 
 def run_cli(*args: str) -> int:

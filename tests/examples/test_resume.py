@@ -8,7 +8,7 @@ import torch
 
 from pnode.examples import ExampleError, Spiral, run
 
-from .conftest import read_metrics
+from .conftest import SMALL_SPIRAL, read_metrics
 
 
 def _state(folder):
@@ -27,7 +27,7 @@ def _same_training(a, b):
 # spiral: mini-batches from the generator; cnf-tabular: Hutchinson noise too; rober: adaptive implicit
 # (rober with LBFGS, whose curvature history must survive the checkpoint)
 @pytest.mark.parametrize("name,n,extra", [
-    ("spiral", 6, []), ("cnf-tabular", 4, []), ("rober", 2, ["--n-obs", "6", "--t-end", "1"])])
+    ("spiral", 6, SMALL_SPIRAL), ("cnf-tabular", 4, []), ("rober", 2, ["--n-obs", "6", "--t-end", "1"])])
 def test_resume_equals_uninterrupted(name, n, extra, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     a = run(name, ["--quick", "--iters", str(n), "--out", str(full), "--no-progress", *extra])
@@ -42,7 +42,7 @@ def test_resume_equals_uninterrupted(name, n, extra, tmp_path):
 
 def test_keyboard_interrupt_checkpoints_and_resumes(tmp_path, monkeypatch):
     full, part = tmp_path / "full", tmp_path / "part"
-    run("spiral", ["--quick", "--iters", "5", "--out", str(full), "--no-progress"])
+    run("spiral", ["--quick", "--iters", "5", "--out", str(full), "--no-progress", *SMALL_SPIRAL])
     step = Spiral.train_step
 
     def interrupted(self, iteration):
@@ -52,7 +52,7 @@ def test_keyboard_interrupt_checkpoints_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Spiral, "train_step", interrupted)
     with pytest.raises(ExampleError, match="interrupted after iteration 3.*--resume"):
-        run("spiral", ["--quick", "--iters", "5", "--out", str(part), "--no-progress"])
+        run("spiral", ["--quick", "--iters", "5", "--out", str(part), "--no-progress", *SMALL_SPIRAL])
     assert _state(part)["iteration"] == 3
     monkeypatch.setattr(Spiral, "train_step", step)
     run("spiral", ["--resume", "--out", str(part), "--no-progress"])
@@ -61,8 +61,8 @@ def test_keyboard_interrupt_checkpoints_and_resumes(tmp_path, monkeypatch):
 
 def test_resume_in_a_new_process(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    run("spiral", ["--quick", "--iters", "4", "--out", str(full), "--no-progress"])
-    run("spiral", ["--quick", "--iters", "2", "--out", str(part), "--no-progress"])
+    run("spiral", ["--quick", "--iters", "4", "--out", str(full), "--no-progress", *SMALL_SPIRAL])
+    run("spiral", ["--quick", "--iters", "2", "--out", str(part), "--no-progress", *SMALL_SPIRAL])
     cmd = [sys.executable, "-m", "pnode.cli", "run", "spiral", "--resume", "--iters", "4",
            "--out", str(part), "--no-progress"]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -73,7 +73,7 @@ def test_resume_in_a_new_process(tmp_path):
 
 def test_resume_when_already_done_only_evaluates(tmp_path):
     out = tmp_path / "r"
-    run("spiral", ["--quick", "--iters", "2", "--out", str(out), "--no-progress"])
+    run("spiral", ["--quick", "--iters", "2", "--out", str(out), "--no-progress", *SMALL_SPIRAL])
     before = (out / "checkpoint.pt").read_bytes()
     r = run("spiral", ["--resume", "--out", str(out), "--no-progress", "--iters", "2"])
     assert r.resumed_from == 2 and r.metrics["iterations"] == 2
