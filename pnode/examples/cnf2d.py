@@ -10,7 +10,9 @@ next to the best single Gaussian's, and draws data, learned density and samples.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,7 +55,7 @@ class CNF2D(Example):
         Option("grid", int, 120, "density plot resolution", quick=50),
     )
 
-    def __init__(self, config):
+    def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         c = self.config
         data_gen = torch.Generator().manual_seed(int(c["seed"]))
@@ -107,7 +109,7 @@ class CNF2D(Example):
         return [save(fig, out, "density.png")]
 
 
-def odeint_options(c) -> dict:
+def odeint_options(c: Mapping[str, Any]) -> dict[str, Any]:
     """``pnode.odeint`` keywords from an example's ``method``/``steps``/``rtol``/``atol`` options."""
     kw = {"method": c["method"], "rtol": c["rtol"], "atol": c["atol"]}
     if c["steps"] > 0:

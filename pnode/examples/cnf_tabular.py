@@ -10,7 +10,9 @@ reported test log-likelihood uses the exact trace.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,7 +45,7 @@ class CNFTabular(Example):
         Option("test_fraction", float, 0.2, "held-out fraction"),
     )
 
-    def __init__(self, config):
+    def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         c = self.config
         x, _ = tabular(c["dataset"])

@@ -8,7 +8,9 @@ accuracy and draws the confusion matrix.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -41,7 +43,7 @@ class Digits(Example):
         Option("test_fraction", float, 0.2, "held-out fraction"),
     )
 
-    def __init__(self, config):
+    def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         c = self.config
         x, y = tabular("digits")

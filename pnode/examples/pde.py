@@ -14,7 +14,9 @@ Reports the relative L2 error of test rollouts next to the diffusion-only model'
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,7 +52,7 @@ class BurgersClosure(Example):
         Option("batch", int, 8, "trajectories per iteration", quick=4),
     )
 
-    def __init__(self, config):
+    def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         c = self.config
         imex = {m.name: m.imex for m in pnode.methods()}

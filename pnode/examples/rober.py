@@ -14,7 +14,9 @@ fully implicit here) by default, or ``trapezoid``/``implicit_euler``/``theta``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,7 +54,7 @@ class RoberKinetics(Example):
         Option("perturb", float, 0.7, "initial log k = true log k + U(-p, p) per rate"),
     )
 
-    def __init__(self, config):
+    def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         c = self.config
         methods = {m.name: m for m in pnode.methods()}
@@ -98,13 +100,13 @@ class RoberKinetics(Example):
         self.k_history.append(self.model.log_k.detach().exp().tolist())
         return loss.item()
 
-    def extra_state(self) -> dict:
+    def extra_state(self) -> dict[str, Any]:
         return {"k_history": [list(k) for k in self.k_history]}
 
-    def load_extra_state(self, state) -> None:
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
         self.k_history = [list(k) for k in state["k_history"]]
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> dict[str, Any]:
         k = self.model.log_k.detach().exp()
         true = torch.tensor(TRUE_RATES, dtype=torch.float64)
         rel = ((k - true) / true).abs()

@@ -125,8 +125,8 @@ class Example(ABC):
         """One optimisation step; returns the training loss (before the update)."""
 
     @abstractmethod
-    def evaluate(self) -> dict[str, float]:
-        """Held-out metrics of the current model (numbers only)."""
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out metrics of the current model (numbers, or lists of numbers: they go to JSON)."""
 
     def figures(self, out: Path) -> list[str]:
         """Write the example's PNG figures into ``out``; return their file names."""

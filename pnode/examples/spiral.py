@@ -9,7 +9,9 @@ evaluation integrates the learned field over the whole horizon.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,7 +62,7 @@ class Spiral(Example):
         Option("batch", int, 32, "segments per iteration"),
     )
 
-    def __init__(self, config):
+    def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         c = self.config
         self.t = torch.linspace(0.0, c["t_end"], c["n_samples"], dtype=torch.float64)
