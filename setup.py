@@ -25,7 +25,7 @@ setup(
         "scikit-learn",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "ruff"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "sphinx>=7", "numpydoc>=1.6"],
     },
     entry_points={"console_scripts": ["pnode=pnode.cli:main"]},
 )

@@ -8,7 +8,12 @@ VENV=${PNODE_VENV:-$ROOT/.venv}
 export PATH="$VENV/bin:$PATH" OMP_NUM_THREADS=1
 
 echo "== ruff"
-"$VENV/bin/ruff" check pnode tests benchmarks
+"$VENV/bin/ruff" check pnode tests $(for d in benchmarks examples; do [ -d "$d" ] && echo "$d"; done)
+
+echo "== docs (sphinx, warnings are errors)"
+DOCS_OUT=$(mktemp -d)
+"$VENV/bin/python" -m sphinx -W --keep-going -q -b html docs "$DOCS_OUT"
+rm -rf "$DOCS_OUT"
 
 echo "== serial tests"
 "$VENV/bin/python" -m pytest -q -m "not mpi" --timeout=900 tests "$@"

@@ -1,4 +1,11 @@
-"""The ``pnode`` command: ``pnode info`` (environment and method table)."""
+"""The ``pnode`` command.
+
+``pnode info``
+    versions, PETSc build (MPI or not), COMM_WORLD size, the method table.
+``pnode run <example> [--quick] [--out DIR] [--overwrite] [--resume] [options] [PETSc options]``
+    train one of the bundled examples (``pnode run --list`` lists them,
+    ``pnode run <example> --help`` shows its options).
+"""
 
 from __future__ import annotations
 
@@ -76,16 +83,81 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0 if "MPIUNI" not in env["PETSc MPI"] else 1
 
 
+def _example_list() -> str:
+    from .examples import EXAMPLES
+
+    width = max(map(len, EXAMPLES))
+    return "\n".join(f"  {name.ljust(width)}  {cls.summary}" for name, cls in EXAMPLES.items())
+
+
+_RUN_USAGE = ("usage: pnode run <example> [--quick] [--out DIR] [--overwrite] [--resume] "
+              "[example options] [PETSc options]")
+
+
+def _cmd_run(argv: list[str]) -> int:
+    from .examples import EXAMPLES, ExampleError, run
+
+    if not argv or argv[0] in ("-h", "--help", "--list"):
+        out = sys.stdout if argv else sys.stderr
+        print(_RUN_USAGE, file=out)
+        print("\nexamples (pnode run <example> --help shows its options):", file=out)
+        print(_example_list(), file=out)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in EXAMPLES:
+        print(f"{_RUN_USAGE}\npnode run: error: unknown example {name!r}; valid: {', '.join(EXAMPLES)}",
+              file=sys.stderr)
+        return 2
+    import pnode
+
+    try:
+        result = run(name, rest)
+    except ExampleError as e:
+        print(f"pnode run {name}: error: {e}", file=sys.stderr)
+        return 1
+    except pnode.SolverError as e:
+        print(f"pnode run {name}: the ODE solver failed: {e}\n"
+              "Try a smaller --lr, another --method or tighter tolerances.", file=sys.stderr)
+        return 1
+    m = result.metrics
+    if m["final_loss"] is None:
+        print(f"{name}: no training iterations")
+    else:
+        print(f"{name}: {m['iterations']} iterations in {m['train_seconds']:.1f} s, "
+              f"final loss {m['final_loss']:.6g}")
+    for k, v in m["metrics"].items():
+        print(f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}")
+    print(f"outputs in {result.out}: metrics.json, checkpoint.pt, {', '.join(m['figures'])}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``pnode`` console script."""
+    """Entry point of the ``pnode`` console script.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments after ``pnode`` (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 1 for a failed run, 2 for bad usage.
+    """
     import pnode  # noqa: F401  (initialises PETSc, which installs its own signal handlers)
 
     # `pnode info | head` closes the pipe early: exit quietly, not through PETSc's handler.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    parser = argparse.ArgumentParser(prog="pnode", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pnode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, PETSc/MPI build, method table")
     p_info.set_defaults(run=_cmd_info)
+    sub.add_parser("run", help="train a bundled example (pnode run --list)", add_help=False)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "run":
+        # everything after `run` belongs to the example's own parser (and to PETSc)
+        return _cmd_run(argv[1:])
     args, _petsc_args = parser.parse_known_args(argv)
     return args.run(args)
 

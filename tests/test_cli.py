@@ -25,3 +25,13 @@ def test_console_script():
     exe = [sys.executable, "-m", "pnode.cli", "info"]
     out = subprocess.run(exe, capture_output=True, text=True, check=True).stdout
     assert "kencarp5" in out
+
+
+def test_run_is_a_subcommand(capsys):
+    assert main(["run", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("spiral", "cnf2d", "cnf-tabular", "digits", "rober", "pde"):
+        assert f"  {name} " in out
+    exe = [sys.executable, "-m", "pnode.cli", "run", "nosuch"]
+    res = subprocess.run(exe, capture_output=True, text=True)
+    assert res.returncode == 2 and "valid: spiral, cnf2d, cnf-tabular, digits, rober, pde" in res.stderr

@@ -1,0 +1,517 @@
+"""The shared training runner behind ``pnode run``: options, output folder, checkpoints, progress.
+
+An example is an :class:`Example` subclass: it builds its data and model from a
+resolved configuration, takes one optimisation step at a time, evaluates, and
+draws its figures.  Everything else is done here, once for all examples:
+
+- options: common ones (``--iters``, ``--seed``, ...) plus the example's own
+  :class:`Option` list, with separate defaults for ``--quick``;
+- the output folder: never clobbered without ``--overwrite``;
+- checkpoints: model, optimizer, RNG states, iteration and loss history, written
+  atomically (temporary file + :func:`os.replace`) and read back with
+  ``torch.load(weights_only=True)``; ``--resume`` continues bit-for-bit;
+- a tqdm progress bar with the loss, ``metrics.json`` and a loss-vs-time figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["Example", "Option", "ExampleError", "CheckpointError", "RunResult", "run_example",
+           "build_parser", "CHECKPOINT_NAME", "METRICS_NAME"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.json"
+_FORMAT = "pnode-example-checkpoint"
+_FORMAT_VERSION = 1
+# Options that may change between a run and its resumption (they do not change the training).
+_RESUMABLE_CHANGES = {"iters", "checkpoint_every", "progress", "threads", "out", "eval_points"}
+
+
+class ExampleError(Exception):
+    """A user-facing problem with a ``pnode run`` invocation (bad option, output folder, ...)."""
+
+
+class CheckpointError(ExampleError):
+    """A checkpoint that cannot be used: unreadable, foreign, or from another configuration."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One example-specific command-line option.
+
+    Parameters
+    ----------
+    name : str
+        Name with underscores; the flag is ``--name-with-dashes``.
+    type : callable
+        Converter (``int``, ``float``, ``str``).
+    default : object
+        Value of a full run.
+    help : str
+        One line for ``--help``.
+    quick : object, optional
+        Value under ``--quick`` (default: same as ``default``).
+    choices : sequence, optional
+        Allowed values.
+    """
+
+    name: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    quick: Any = None
+    choices: Sequence[Any] | None = None
+
+    def value(self, quick: bool) -> Any:
+        return self.quick if (quick and self.quick is not None) else self.default
+
+
+_COMMON = (
+    Option("iters", int, 1000, "training iterations (total, including resumed ones)", quick=60),
+    Option("lr", float, 1e-3, "Adam learning rate"),
+    Option("seed", int, 0, "seed of data, initialisation and mini-batches"),
+    Option("dtype", str, "float64", "model and data precision (PETSc integrates in float64)",
+           choices=("float64", "float32")),
+    Option("checkpoint_every", int, 50, "write the checkpoint every N iterations (and at the end)",
+           quick=20),
+    Option("threads", int, 1, "torch threads (one is fastest for small models next to PETSc)"),
+)
+
+
+class Example(ABC):
+    """One trainable example: data, model, optimiser, a training step, evaluation and figures.
+
+    Subclasses set :attr:`name`, :attr:`summary` and :attr:`options`, build
+    everything in ``__init__`` from ``config`` (the global torch RNG is seeded
+    before), and keep all randomness of training in :attr:`generator` so that a
+    resumed run repeats an uninterrupted one exactly.
+
+    Parameters
+    ----------
+    config : dict
+        Resolved options (common and example-specific), by name.
+    """
+
+    #: command-line name, e.g. ``"cnf2d"``
+    name: ClassVar[str] = ""
+    #: one line for ``pnode run --list``
+    summary: ClassVar[str] = ""
+    #: example-specific options, and overrides of common defaults (same name replaces)
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = dict(config)
+        self.dtype = torch.float64 if config["dtype"] == "float64" else torch.float32
+        self.generator = torch.Generator().manual_seed(int(config["seed"]) + 1)
+        self.model: nn.Module
+        self.optimizer: torch.optim.Optimizer
+
+    @abstractmethod
+    def train_step(self, iteration: int) -> float:
+        """One optimisation step; returns the training loss (before the update)."""
+
+    @abstractmethod
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out metrics of the current model (numbers, or lists of numbers: they go to JSON)."""
+
+    def figures(self, out: Path) -> list[str]:
+        """Write the example's PNG figures into ``out``; return their file names."""
+        return []
+
+    def extra_state(self) -> dict[str, Any]:
+        """Tensors or primitives to checkpoint besides model, optimizer and RNGs."""
+        return {}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+        return None
+
+
+@dataclass
+class RunResult:
+    """What one ``pnode run`` produced."""
+
+    out: Path
+    metrics: dict[str, Any]
+    losses: list[float]
+    resumed_from: int
+
+
+# ---------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------
+def _all_options(cls: type[Example]) -> dict[str, Option]:
+    opts = {o.name: o for o in _COMMON}
+    opts.update({o.name: o for o in cls.options})
+    return opts
+
+
+def build_parser(cls: type[Example], prog: str = "pnode run") -> argparse.ArgumentParser:
+    """The argument parser of one example (common flags, then the example's options)."""
+    p = argparse.ArgumentParser(
+        prog=f"{prog} {cls.name}", description=cls.summary, allow_abbrev=False,
+        epilog="Arguments with a single dash (-pnode_ts_adapt_type dsp, -log_view, ...) are "
+               "PETSc options; pnode's solvers read those with the prefix -pnode_.")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output folder (default: runs/{cls.name})")
+    p.add_argument("--quick", action="store_true", help="a small configuration (< 1 minute)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow writing into a non-empty output folder (replaces pnode's files)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out (options default to its values)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                   help="no progress bar")
+    for o in _all_options(cls).values():
+        flag = "--" + o.name.replace("_", "-")
+        default = o.default if o.quick is None else f"{o.default}, --quick: {o.quick}"
+        p.add_argument(flag, dest=o.name, type=o.type, default=None, choices=o.choices,
+                       help=f"{o.help} (default: {default})")
+    return p
+
+
+def split_petsc_options(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Separate PETSc options (single dash: ``-name [value]``) from the example's arguments.
+
+    A token after a PETSc option is its value unless it starts with ``-`` and is not a
+    number; ``--flags`` and ``-h`` stay with the example.
+    """
+    rest: list[str] = []
+    petsc: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("-") and not a.startswith("--") and a != "-h" and not _is_number(a) \
+                and len(a) > 1:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and (not nxt.startswith("-") or _is_number(nxt)):
+                petsc[a[1:]] = nxt
+                i += 2
+            else:
+                petsc[a[1:]] = ""
+                i += 1
+        else:
+            rest.append(a)
+            i += 1
+    return rest, petsc
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _resolve(cls: type[Example], ns: argparse.Namespace,
+             saved: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Explicit flags win; then the checkpoint's values (on resume); then (quick) defaults."""
+    quick = bool(ns.quick) if saved is None else bool(saved.get("quick", False)) or bool(ns.quick)
+    cfg: dict[str, Any] = {"quick": quick}
+    for name, o in _all_options(cls).items():
+        given = getattr(ns, name)
+        if given is not None:
+            cfg[name] = given
+        elif saved is not None and name in saved:
+            cfg[name] = saved[name]
+        else:
+            cfg[name] = o.value(quick)
+    for name in ("iters", "checkpoint_every", "threads"):
+        if cfg[name] < (0 if name == "checkpoint_every" else 1):
+            raise ExampleError(f"Invalid --{name.replace('_', '-')} {cfg[name]}: must be positive")
+    if saved is not None:
+        changed = sorted(k for k in cfg if k not in _RESUMABLE_CHANGES and k in saved
+                         and k != "quick" and cfg[k] != saved[k])
+        if changed:
+            diffs = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} -> {cfg[k]!r}" for k in changed)
+            raise CheckpointError(f"--resume with options that change the training ({diffs}); "
+                                  "drop them, or start a new run in another --out")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# Output folder and files
+# ---------------------------------------------------------------------------------------
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(path: Path, example: Example, iteration: int, history: Mapping[str, list]) -> None:
+    """Write the training state atomically (only tensors and primitive containers)."""
+    state = {
+        "format": _FORMAT,
+        "version": _FORMAT_VERSION,
+        "example": example.name,
+        "config": {k: v for k, v in example.config.items() if k != "out"},
+        "iteration": int(iteration),
+        "model": example.model.state_dict(),
+        "optimizer": example.optimizer.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "generator": example.generator.get_state()},
+        "history": {k: list(v) for k, v in history.items()},
+        "extra": example.extra_state(),
+    }
+    _atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_checkpoint(path: Path, name: str) -> dict[str, Any]:
+    """Read and validate a checkpoint of example ``name``; raise :class:`CheckpointError`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged or unsafe file
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}. "
+            "The file is damaged or not a pnode checkpoint; it was left as it is (start a new run "
+            "in another --out, or use --overwrite to replace it)") from None
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise CheckpointError(f"{path} is not a pnode example checkpoint (no '{_FORMAT}' marker); "
+                              "it was left as it is")
+    if state.get("version") != _FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {state.get('version')!r}, "
+                              f"this pnode reads version {_FORMAT_VERSION}")
+    if state.get("example") != name:
+        raise CheckpointError(f"{path} is a checkpoint of example {state.get('example')!r}, "
+                              f"not {name!r}")
+    for key in ("config", "iteration", "model", "optimizer", "rng", "history"):
+        if key not in state:
+            raise CheckpointError(f"{path} lacks '{key}': incomplete checkpoint")
+    return state
+
+
+def _prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
+    if resume:
+        if not (out / CHECKPOINT_NAME).is_file():
+            raise ExampleError(f"--resume: no {CHECKPOINT_NAME} in {out}; run without --resume first")
+        return
+    if out.exists() and not out.is_dir():
+        raise ExampleError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExampleError(f"--out {out} is not empty; pass --overwrite to replace its pnode files, "
+                           "--resume to continue its run, or choose another folder")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    def write(p: Path) -> None:
+        with open(p, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False, allow_nan=True)
+            fh.write("\n")
+
+    _atomic_write(path, write)
+
+
+def _loss_figure(out: Path, history: Mapping[str, list], name: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    loss = history["loss"]
+    axes[0].plot(range(1, len(loss) + 1), loss, lw=1)
+    axes[0].set_xlabel("iteration")
+    axes[1].plot(history["time"], loss, lw=1)
+    axes[1].set_xlabel("training time [s]")
+    for ax in axes:
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        if min(loss) > 0 and max(loss) / min(loss) > 20:
+            ax.set_yscale("log")
+    fig.suptitle(f"pnode run {name}")
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)
+    return "loss.png"
+
+
+def _versions() -> dict[str, str]:
+    from petsc4py import PETSc
+
+    import pnode
+
+    return {"pnode": pnode.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "PETSc": ".".join(map(str, PETSc.Sys.getVersion()))}
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------
+def run_example(cls: type[Example], argv: Sequence[str] = (), *,
+                out_default: Path | None = None) -> RunResult:
+    """Parse ``argv`` for example ``cls``, train, evaluate and write the outputs.
+
+    Parameters
+    ----------
+    cls : type of Example
+        The example.
+    argv : sequence of str
+        Command-line arguments after the example name (example flags and PETSc options).
+    out_default : Path, optional
+        Output folder when ``--out`` is not given (default ``runs/<name>``).
+
+    Returns
+    -------
+    RunResult
+        Output folder, metrics and the loss of every iteration.
+
+    Raises
+    ------
+    ExampleError
+        Bad options, a non-empty output folder without ``--overwrite``, a
+        checkpoint that cannot be used (:class:`CheckpointError`), or an MPI job
+        of more than one rank (data-parallel training is not available yet).  Nothing in the
+        output folder is changed in these cases.
+    SystemExit
+        From argparse, for an unknown flag (the message lists the valid ones).
+    """
+    _check_serial()
+    rest, petsc = split_petsc_options(list(argv))
+    parser = build_parser(cls)
+    ns, unknown = parser.parse_known_args(rest)
+    if unknown:
+        valid = sorted(a for a in parser._option_string_actions if a.startswith("--"))
+        parser.error(f"unknown option(s) {' '.join(unknown)} for example {cls.name!r}; "
+                     f"valid: {' '.join(valid)}")
+    out = ns.out or out_default or Path("runs") / cls.name
+    _prepare_out(out, overwrite=ns.overwrite, resume=ns.resume)
+    saved = load_checkpoint(out / CHECKPOINT_NAME, cls.name) if ns.resume else None
+    cfg = _resolve(cls, ns, None if saved is None else saved["config"])
+    cfg["progress"] = ns.progress
+    with _petsc_options(petsc):
+        return _train(cls, cfg, out, saved, petsc)
+
+
+def _check_serial() -> None:
+    from petsc4py import PETSc
+
+    size = PETSc.COMM_WORLD.getSize()
+    if size > 1:
+        # Every rank would train the same replicated model and write the same files.
+        raise ExampleError(f"pnode run trains on one process, but this is an MPI job of {size} ranks; "
+                           "data-parallel training is not available yet: run it without mpiexec")
+
+
+class _petsc_options:
+    """Insert command-line PETSc options into PETSc's database for the run, then restore it."""
+
+    def __init__(self, opts: Mapping[str, str]) -> None:
+        self.opts, self.saved = dict(opts), {}
+
+    def __enter__(self) -> None:
+        from petsc4py import PETSc
+
+        db = PETSc.Options()
+        for k, v in self.opts.items():
+            self.saved[k] = db.getString(k) if db.hasName(k) else None
+            db.setValue(k, v)
+
+    def __exit__(self, *exc: object) -> None:
+        from petsc4py import PETSc
+
+        db = PETSc.Options()
+        for k, v in self.saved.items():
+            if v is None:
+                db.delValue(k)
+            else:
+                db.setValue(k, v)
+
+
+def _train(cls: type[Example], cfg: dict[str, Any], out: Path, saved: Mapping[str, Any] | None,
+           petsc: Mapping[str, str]) -> RunResult:
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(int(cfg["threads"]))
+    torch.manual_seed(int(cfg["seed"]))
+    example = cls(cfg)
+    history: dict[str, list] = {"loss": [], "time": []}
+    start = 0
+    if saved is not None:
+        try:
+            example.model.load_state_dict(saved["model"])
+            example.optimizer.load_state_dict(saved["optimizer"])
+            example.load_extra_state(saved.get("extra", {}))
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint in {out} does not fit this model: "
+                                  f"{str(e).splitlines()[0][:300]}") from None
+        torch.set_rng_state(saved["rng"]["torch"])
+        example.generator.set_state(saved["rng"]["generator"])
+        history = {k: list(v) for k, v in saved["history"].items()}
+        start = int(saved["iteration"])
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT_NAME
+    iters, every = int(cfg["iters"]), int(cfg["checkpoint_every"])
+    t_offset = history["time"][-1] if history["time"] else 0.0
+    bar = tqdm(total=iters, initial=min(start, iters), desc=cls.name, disable=not cfg["progress"],
+               dynamic_ncols=True, leave=True)
+    t0 = time.perf_counter()
+    it = start
+    try:
+        while it < iters:
+            loss = float(example.train_step(it))
+            if not math.isfinite(loss):
+                raise ExampleError(f"the training loss is {loss} at iteration {it + 1}; "
+                                   "lower --lr or change the solver options")
+            it += 1
+            history["loss"].append(loss)
+            history["time"].append(t_offset + time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}")
+            if every and it % every == 0 and it < iters:
+                save_checkpoint(ckpt, example, it, history)
+    except KeyboardInterrupt:
+        save_checkpoint(ckpt, example, it, history)
+        bar.close()
+        raise ExampleError(f"interrupted after iteration {it}; checkpoint written to {ckpt}, "
+                           f"continue with: pnode run {cls.name} --out {out} --resume") from None
+    bar.close()
+    if it > start or not ckpt.exists() or saved is None:
+        save_checkpoint(ckpt, example, it, history)
+
+    t_eval = time.perf_counter()
+    metrics = example.evaluate()
+    eval_seconds = time.perf_counter() - t_eval
+    figures = [_loss_figure(out, history, cls.name)] if history["loss"] else []
+    figures += example.figures(out)
+    import pnode
+
+    stats = pnode.last_stats()
+    result = {
+        "example": cls.name,
+        "iterations": it,
+        "resumed_from": start,
+        "final_loss": history["loss"][-1] if history["loss"] else None,
+        "train_seconds": history["time"][-1] if history["time"] else 0.0,
+        "eval_seconds": eval_seconds,
+        "metrics": metrics,
+        "config": {k: v for k, v in cfg.items() if k != "progress"},
+        "petsc_options": dict(petsc),
+        "last_solve": None if stats is None else {
+            "method": stats.method, "steps": stats.steps, "rejected": stats.rejected,
+            "rhs_evals": stats.rhs_evals, "vjps": stats.vjps,
+            "forward_seconds": stats.forward_seconds, "adjoint_seconds": stats.adjoint_seconds},
+        "figures": figures,
+        "checkpoint": CHECKPOINT_NAME,
+        "versions": _versions(),
+    }
+    _write_json(out / METRICS_NAME, result)
+    return RunResult(out=out, metrics=result, losses=list(history["loss"]), resumed_from=start)
