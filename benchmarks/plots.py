@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 
 def _sweep(rows: list[dict], key: str, fixed: dict) -> list[dict]:
@@ -30,6 +31,8 @@ def plot_all(results: dict, out: Path) -> list[Path]:
                 ax.plot(xs, [r["seconds"][cfg] for r in rows], marker="o", label=cfg)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(key)
             ax.set_ylabel("seconds per iteration (median)")
             ax.set_title(f"time vs {key} ({', '.join(f'{k}={v}' for k, v in fixed.items())})")
@@ -47,6 +50,8 @@ def plot_all(results: dict, out: Path) -> list[Path]:
             ax.plot(xs, [max(r["memory"][cfg]["mib"], 0.1) for r in memory], marker="o", label=cfg)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("steps")
         ax.set_ylabel("peak MiB above baseline")
         ax.set_title("memory of one iteration (batch 256, width 128)")

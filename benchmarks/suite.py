@@ -73,9 +73,13 @@ def run(quick: bool = False, out: Path = DEFAULT_OUT, only: list[str] | None = N
     for name in only or list(SECTIONS):
         mod = SECTIONS[name]
         s = time.perf_counter()
-        results[name] = mod.run(quick)
+        try:
+            results[name] = mod.run(quick)
+            text = mod.tables(results[name])
+        except Exception as exc:  # one broken section must not lose the others' results
+            results[name] = None
+            text = f"### {name}: failed\n\n{type(exc).__name__}: {exc}"
         results["seconds"][name] = time.perf_counter() - s
-        text = mod.tables(results[name])
         parts.append(text)
         print(text + "\n", flush=True)
     results["seconds"]["total"] = time.perf_counter() - start
