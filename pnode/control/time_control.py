@@ -25,18 +25,22 @@ class IntegrationTime(nn.Module):
 
     ``L_T = dL/dT`` is the engine's gradient with respect to the output time
     (``g(T) · f(T, y(T))``, see :func:`pnode.odeint`).  The second-order terms use
-    the same outer-product (Gauss-Newton / empirical Fisher) approximation as the
-    Kronecker factors of :class:`SNOpt`: ``L_TT ≈ L_T^2 + damping`` and
-    ``L_Tθ δθ ≈ L_T (L_θ · δθ)``, so
+    a Gauss-Newton approximation, as the Kronecker factors of :class:`SNOpt` do,
+    viewing the loss as half a squared residual ``L = r^2 / 2`` (``r = sqrt(2L)``,
+    the loss's minimum taken as 0):
+    ``L_TT ≈ r_T^2 = L_T^2 / (2L)`` and ``L_Tθ δθ ≈ r_T (r_θ · δθ) = L_T (L_θ·δθ) / (2L)``.
+    With damping added to ``L_TT``,
 
     .. math::
 
-        δT = -\mathrm{lr}\, \frac{L_T\,(1 + L_θ·δθ)}{L_T^2 + \mathrm{damping}},
+        δT = -\mathrm{lr}\, \frac{L_T\,(1 + L_θ·δθ / (2L))}{L_T^2 / (2L) + \mathrm{damping}},
 
     where ``L_θ · δθ`` (the predicted first-order change of the loss from the
-    parameter step, usually negative) is read from the optimizer passed to
-    :meth:`step`.  A step is capped at ``max_step * T`` and ``T`` is kept in
-    ``[min_t1, max_t1]``.
+    parameter step, usually negative: the feedback shortens the time step by what
+    the parameter step already achieves) is read from the optimizer passed to
+    :meth:`step`.  For a loss that can reach zero and depends on ``T`` through one
+    residual direction this is Newton's method on ``r``.  A step is capped at
+    ``max_step * T`` and ``T`` is kept in ``[min_t1, max_t1]``.
 
     Parameters
     ----------
@@ -46,7 +50,7 @@ class IntegrationTime(nn.Module):
         Start time (fixed).
     lr : float, default 1.0
         Scale of the feedback step.
-    damping : float, default 1e-2
+    damping : float, default 1e-4
         Added to ``L_TT`` (> 0).
     max_step : float, default 0.1
         Largest relative change of ``T`` per step.
@@ -57,10 +61,10 @@ class IntegrationTime(nn.Module):
     --------
     >>> tc = pnode.control.IntegrationTime(1.0)
     >>> y1 = pnode.odeint(func, y0, tc.span(), method="rk4", options={"step_size": 0.1})[-1]
-    >>> loss(y1).backward(); opt.step(); tc.step(opt); tc.zero_grad()
+    >>> L = loss(y1); L.backward(); opt.step(); tc.step(L, opt); tc.zero_grad()
     """
 
-    def __init__(self, t1: float = 1.0, *, t0: float = 0.0, lr: float = 1.0, damping: float = 1e-2,
+    def __init__(self, t1: float = 1.0, *, t0: float = 0.0, lr: float = 1.0, damping: float = 1e-4,
                  max_step: float = 0.1, min_t1: float | None = None, max_t1: float | None = None) -> None:
         super().__init__()
         if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
@@ -83,14 +87,16 @@ class IntegrationTime(nn.Module):
 
     @property
     def value(self) -> float:
-        return float(self.t1)
+        return float(self.t1.detach())
 
     @torch.no_grad()
-    def step(self, optimizer: Any = None) -> float:
+    def step(self, loss: float | torch.Tensor, optimizer: Any = None) -> float:
         """Update ``T`` from its gradient; returns the change taken.
 
         Parameters
         ----------
+        loss : float or Tensor
+            The loss value whose gradient ``T`` holds (>= 0).
         optimizer : SNOpt or None
             The optimizer that just updated the parameters; its
             ``last_directional_derivative`` (``L_θ · δθ``) is the feedback term.
@@ -103,8 +109,12 @@ class IntegrationTime(nn.Module):
         LT = float(g)
         if not math.isfinite(LT):
             raise FloatingPointError("IntegrationTime.step: dL/dT is NaN or Inf; T was not changed")
+        L = float(loss)
+        if not (math.isfinite(L) and L >= 0):
+            raise ValueError(f"Invalid loss {L!r}: the feedback rule needs a finite loss >= 0")
         fb = 0.0 if optimizer is None else float(getattr(optimizer, "last_directional_derivative", 0.0))
-        delta = -self.lr * LT * (1.0 + fb) / (LT * LT + self.damping)
+        two_l = max(2.0 * L, 1e-300)
+        delta = -self.lr * LT * (1.0 + fb / two_l) / (LT * LT / two_l + self.damping)
         cap = self.max_step * abs(float(self.t1))
         delta = max(-cap, min(cap, delta))
         new = min(self.max_t1, max(self.min_t1, float(self.t1) + delta))
