@@ -179,7 +179,9 @@ def invert(A: torch.Tensor, G: torch.Tensor, damping: float, method: str,
         # eigenvalues of a covariance are >= 0; clamp round-off
         dA, dG = dA.clamp_min(0), dG.clamp_min(0)
         scale = 1.0 / (torch.outer(dG, dA) + damping)
-        return {"QA": QA.to(A.dtype), "QG": QG.to(A.dtype), "scale": scale.to(A.dtype)}
+        # contiguous: the arrays are broadcast as raw buffers under MPI (eigh returns column-major)
+        return {"QA": QA.to(A.dtype).contiguous(), "QG": QG.to(A.dtype).contiguous(),
+                "scale": scale.to(A.dtype).contiguous()}
     # factored Tikhonov damping, Cholesky inverses; on failure raise the damping tenfold
     tA = float(torch.trace(A)) / A.shape[0]
     tG = float(torch.trace(G)) / G.shape[0]
@@ -196,8 +198,8 @@ def invert(A: torch.Tensor, G: torch.Tensor, damping: float, method: str,
                 warnings.warn(f"SNOpt: a Kronecker factor of {name} is numerically singular; "
                               f"Cholesky succeeded with damping raised to {lam:.3g}", RuntimeWarning,
                               stacklevel=3)
-            return {"A_inv": torch.cholesky_inverse(LA).to(A.dtype),
-                    "G_inv": torch.cholesky_inverse(LG).to(A.dtype)}
+            return {"A_inv": torch.cholesky_inverse(LA).to(A.dtype).contiguous(),
+                    "G_inv": torch.cholesky_inverse(LG).to(A.dtype).contiguous()}
         lam *= 10.0
     raise FloatingPointError(f"SNOpt: the Kronecker factors of {name} are not positive definite even "
                              f"with damping {lam:.3g}; use inverse='eig'")

@@ -82,7 +82,7 @@ class SNOpt(torch.optim.Optimizer):
         Adam constants (base ``"adam"``).
     damping : float, default 1e-2
         Tikhonov damping of ``A ⊗ G`` (> 0).
-    factor_decay : float, default 0.95
+    factor_decay : float, default 0.8
         Running-average decay of the factors, in [0, 1).
     update_freq : int, default 4
         Collect factors every that many steps (collection costs about as much as
@@ -132,7 +132,7 @@ class SNOpt(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, *, lr: float | None = None, base: str = "sgd",
                  momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 damping: float = 1e-2, factor_decay: float = 0.95, update_freq: int = 4,
+                 damping: float = 1e-2, factor_decay: float = 0.8, update_freq: int = 4,
                  inv_freq: int = 4, inverse: str = "eig", kl_clip: float | None = 1e-2,
                  weight_decay: float = 0.0, ode_funcs: Iterable[nn.Module] | None = None,
                  comm: Any = None) -> None:
