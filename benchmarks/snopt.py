@@ -71,7 +71,7 @@ def make_optimizer(name: str, model: nn.Module):
     raise ValueError(name)
 
 
-def train(name: str, seed: int, budget_s: float, data, batch: int = 128, eval_every: int = 5):
+def train(name: str, seed: int, budget_s: float, data, batch: int = 128, eval_every: int = 2):
     """Train until ``budget_s`` seconds of training time; returns the loss trace and test accuracy."""
     xtr, ytr, xte, yte = data
     model = make_model(seed)
@@ -132,7 +132,12 @@ def main(argv=None) -> None:
     names = ["snopt", "adam@3e-3", "adam@1e-2", "sgd"]
     data = load_data()
 
-    traces = {n: [train(n, s, budget, data) for s in range(seeds)] for n in names}
+    # round-robin over optimizers within each seed, so a change in the machine's load
+    # (shared cores) does not fall on one optimizer only
+    traces = {n: [] for n in names}
+    for s in range(seeds):
+        for n in names:
+            traces[n].append(train(n, s, budget, data))
 
     print(f"# SNOpt on digits (issue 6)\n\nmachine: {platform.machine()} {platform.processor() or ''}, "
           f"{os.cpu_count()} cores, date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "

@@ -232,3 +232,52 @@ def test_optimizer_does_not_outlive_its_hooks():
     assert ref() is None
     x, y = data()
     loss_fn(model, x, y).backward()  # no optimizer listens any more: nothing breaks
+
+
+class ConvField(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 2, 3, padding=1, bias=False)
+
+    def forward(self, t, y):
+        return self.c2(torch.tanh(self.c1(y)))
+
+
+def test_conv_factors_inside_an_ode_equal_a_brute_force_recomputation():
+    torch.manual_seed(3)
+    field = ConvField().double()
+    model = nn.Sequential(pnode.NeuralODE(field, method="midpoint", options={"step_size": 0.5}),
+                          nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
+    opt = SNOpt(model)
+    events = []
+    handle = pnode.adjoint.observe_vjps(lambda ev: events.append(
+        (ev.t, ev.y.clone(), ev.cotangent.clone(), ev.weight)))
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1])
+    try:
+        F.cross_entropy(model(x), y).backward()
+    finally:
+        handle.remove()
+    opt.collecting = False
+    for conv in (field.c1, field.c2):
+        A = G = 0
+        for ev_t, ev_y, ev_cot, ev_w in events:
+            seen = {}
+            h = conv.register_forward_hook(lambda m, i, o, seen=seen: seen.update(x=i[0], out=o))
+            with torch.enable_grad():
+                out = field(torch.tensor(ev_t, dtype=torch.float64), ev_y)
+                (g,) = torch.autograd.grad(out, seen["out"], ev_cot)
+            h.remove()
+            a = F.unfold(seen["x"], 3, padding=1).transpose(1, 2).reshape(-1, conv.weight[0].numel())
+            if conv.bias is not None:
+                a = torch.cat([a, torch.ones(len(a), 1, dtype=torch.float64)], dim=1)
+            gm = g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
+            A = A + abs(ev_w) * a.t() @ a / len(a)
+            G = G + abs(ev_w) * 3 * gm.t() @ gm
+        torch.testing.assert_close(opt.factors[id(conv)].A_new, A, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(opt.factors[id(conv)].G_new, G, rtol=1e-12, atol=1e-14)
+    opt.collecting = True
+    before = field.c1.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, field.c1.weight) and torch.isfinite(field.c1.weight).all()
