@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="2 seeds, 8 s per run (about 2 minutes)")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--budget", type=float, default=None, help="training seconds per run")
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default="bench-out")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     seeds = args.seeds or (2 if args.quick else 3)
