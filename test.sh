@@ -26,4 +26,7 @@ for n in 2 3; do  # 3 ranks: uneven shards, and more ranks than this machine's 2
   timeout 600 "$MPIEXEC" -n "$n" "$VENV/bin/python" -m pytest -q -m mpi --timeout=300 \
     --timeout-method=thread \
     -p no:cacheprovider tests/mpi
+  # SNOpt's factor reduction and shared inversion (rank-count agnostic)
+  timeout 600 "$MPIEXEC" -n "$n" "$VENV/bin/python" -m pytest -q --timeout=300 \
+    --timeout-method=thread -p no:cacheprovider tests/control/test_distributed.py
 done

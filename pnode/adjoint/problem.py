@@ -333,7 +333,8 @@ class TorchProblem:
         if want_p and observers.active():
             unflat = self.spec.unflatten
             observers.notify(observers.VjpEvent(
-                func=part.func, t=pt.t, y=unflat(self._x(pt.x)), cotangent=unflat(v.to(out.dtype)),
+                func=part.func, t=pt.t, y=unflat(self._x(pt.x)),
+                cotangent=unflat(v.to(out.dtype).clone()),  # v views PETSc's work vector
                 weight=pt.weight, params=self.params, param_grads=tuple(gps)))
         return gx, gp
 
