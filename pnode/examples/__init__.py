@@ -7,6 +7,7 @@
 ``digits``      classification with an ODE block on scikit-learn's 8x8 digits
 ``rober``       Robertson's stiff kinetics: rate constants from noisy data, implicit method
 ``pde``         closure term of a method-of-lines viscous Burgers equation, IMEX method
+``snopt``       the digits classifier trained by SNOpt (second-order, factors from the adjoint)
 =============== =====================================================================
 
 Use them from Python with :func:`run`::
@@ -27,14 +28,16 @@ from .digits import Digits
 from .pde import BurgersClosure
 from .rober import RoberKinetics
 from .runner import CheckpointError, Example, ExampleError, Option, RunResult, run_example
+from .snopt import DigitsSNOpt
 from .spiral import Spiral
 
 __all__ = ["EXAMPLES", "run", "Example", "Option", "RunResult", "ExampleError", "CheckpointError",
-           "Spiral", "CNF2D", "CNFTabular", "Digits", "RoberKinetics", "BurgersClosure"]
+           "Spiral", "CNF2D", "CNFTabular", "Digits", "RoberKinetics", "BurgersClosure", "DigitsSNOpt"]
 
 #: example name -> class, in the order ``pnode run --list`` shows them
 EXAMPLES: dict[str, type[Example]] = {
-    cls.name: cls for cls in (Spiral, CNF2D, CNFTabular, Digits, RoberKinetics, BurgersClosure)
+    cls.name: cls
+    for cls in (Spiral, CNF2D, CNFTabular, Digits, RoberKinetics, BurgersClosure, DigitsSNOpt)
 }
 
 

@@ -16,6 +16,7 @@ EXPECTED = {
     "digits": ("test_accuracy", ["predictions.png"]),
     "rober": ("k_max_rel_error", ["trajectories.png"]),
     "pde": ("test_rel_l2_error", ["solution.png"]),
+    "snopt": ("test_accuracy", ["predictions.png"]),
 }
 
 

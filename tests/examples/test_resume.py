@@ -25,9 +25,11 @@ def _same_training(a, b):
 
 
 # spiral: mini-batches from the generator; cnf-tabular: Hutchinson noise too; rober: adaptive implicit
-# (rober with LBFGS, whose curvature history must survive the checkpoint)
+# (rober with LBFGS, whose curvature history must survive the checkpoint; snopt: Kronecker
+# factors, inverses and the step counter of SNOpt's state_dict)
 @pytest.mark.parametrize("name,n,extra", [
-    ("spiral", 6, SMALL_SPIRAL), ("cnf-tabular", 4, []), ("rober", 2, ["--n-obs", "6", "--t-end", "1"])])
+    ("spiral", 6, SMALL_SPIRAL), ("cnf-tabular", 4, []), ("rober", 2, ["--n-obs", "6", "--t-end", "1"]),
+    ("snopt", 10, ["--update-freq", "2"])])
 def test_resume_equals_uninterrupted(name, n, extra, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     a = run(name, ["--quick", "--iters", str(n), "--out", str(full), "--no-progress", *extra])
