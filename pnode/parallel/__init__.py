@@ -5,10 +5,11 @@ integrates its shard of the batch on a distributed PETSc Vec and receives the
 parameter gradients summed over ranks.  :class:`DataParallel` does the rest of
 a data-parallel training loop: sharding, identical initial parameters, the
 gradient reduction for parameters outside ODE blocks, rank-0 logging.
-
-Layer decomposition (a pipeline over time sub-intervals) is not implemented yet.
+:class:`LayerParallel` splits the integration interval over the ranks instead
+(layer decomposition) and trains through a micro-batched pipeline.
 """
 
 from .data import DataParallel, shard_slice
+from .layers import LayerParallel
 
-__all__ = ["DataParallel", "shard_slice"]
+__all__ = ["DataParallel", "LayerParallel", "shard_slice"]
