@@ -1,6 +1,6 @@
 """Layer decomposition over MPI: a 2-block ODE model on 1 rank vs pipelined on 2 ranks.
 
-Run: ``.venv/bin/python -m benchmarks.layer_parallel [--batch 512] [--micro 4]``.
+Run: ``.venv/bin/python -m benchmarks.layer_parallel [--batch 2048] [--micro 4]``.
 The model is ``p = 2`` ODE blocks (MLP 32-128-32 fields, RK4, 10 steps each,
 on [0, 1/2] and [1/2, 1]); one rank trains both blocks in sequence, two ranks
 hold one block each and run :class:`pnode.parallel.LayerParallel` with
@@ -65,9 +65,9 @@ def worker(batch: int, micro: int, repeats: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--micro", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
