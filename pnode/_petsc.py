@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
-__all__ = ["init_petsc", "petsc_argv"]
+__all__ = ["init_petsc", "petsc_argv", "option_value", "is_number"]
 
 # Command-line arguments PETSc should see: pnode's solver prefix and PETSc's own families.
 _PETSC_PREFIXES = ("-pnode_", "-log_", "-info", "-help", "-options_", "-malloc", "-on_error",
@@ -18,13 +19,25 @@ def petsc_argv(argv: list[str]) -> list[str]:
     for i, a in enumerate(args):
         if a.startswith(_PETSC_PREFIXES) or a == "-log_view":
             out.append(a)
-            nxt = args[i + 1] if i + 1 < len(args) else None
-            if nxt is not None and (not nxt.startswith("-") or _is_number(nxt)):
-                out.append(nxt)
+            value = option_value(args, i)
+            if value is not None:
+                out.append(value)
     return out
 
 
-def _is_number(s: str) -> bool:
+def option_value(args: Sequence[str], i: int) -> str | None:
+    """The value of the option ``args[i]``: the next token, unless that is another option.
+
+    PETSc's convention: ``-name value`` or a bare ``-name``; a negative number is a value.
+    """
+    nxt = args[i + 1] if i + 1 < len(args) else None
+    if nxt is None or (nxt.startswith("-") and not is_number(nxt)):
+        return None
+    return nxt
+
+
+def is_number(s: str) -> bool:
+    """Whether ``s`` parses as a float (so ``-1e-3`` is a value, not an option)."""
     try:
         float(s)
     except ValueError:

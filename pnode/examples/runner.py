@@ -30,6 +30,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .._petsc import is_number, option_value
+
 __all__ = ["Example", "Option", "ExampleError", "CheckpointError", "RunResult", "run_example",
            "build_parser", "CHECKPOINT_NAME", "METRICS_NAME"]
 
@@ -194,27 +196,15 @@ def split_petsc_options(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]
     i = 0
     while i < len(argv):
         a = argv[i]
-        if a.startswith("-") and not a.startswith("--") and a != "-h" and not _is_number(a) \
+        if a.startswith("-") and not a.startswith("--") and a != "-h" and not is_number(a) \
                 and len(a) > 1:
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if nxt is not None and (not nxt.startswith("-") or _is_number(nxt)):
-                petsc[a[1:]] = nxt
-                i += 2
-            else:
-                petsc[a[1:]] = ""
-                i += 1
+            value = option_value(argv, i)
+            petsc[a[1:]] = "" if value is None else value
+            i += 1 if value is None else 2
         else:
             rest.append(a)
             i += 1
     return rest, petsc
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
 
 
 def _resolve(cls: type[Example], ns: argparse.Namespace,
