@@ -40,7 +40,8 @@ def mlp_field(dim: int = 32, width: int = 128) -> nn.Module:
     return F()
 
 
-def _median_time(fn, repeats):
+def median_time(fn, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` (seconds)."""
     times = []
     for _ in range(repeats):
         s = time.perf_counter()
@@ -67,11 +68,11 @@ def overhead(batch: int, steps: int, repeats: int) -> list[tuple[str, float]]:
     fwd_bwd()
     st = pnode.last_stats()
     n_rhs, n_vjp = st.rhs_evals, st.vjps
-    t_fwd = _median_time(fwd, repeats)
-    t_all = _median_time(fwd_bwd, repeats)
+    t_fwd = median_time(fwd, repeats)
+    t_all = median_time(fwd_bwd, repeats)
     tt = torch.tensor(0.5, dtype=torch.float64)
     with torch.no_grad():
-        t_eval = _median_time(lambda: [func(tt, y0) for _ in range(100)], repeats) / 100
+        t_eval = median_time(lambda: [func(tt, y0) for _ in range(100)], repeats) / 100
 
     params = list(func.parameters())
     v = torch.randn_like(y0)
@@ -80,7 +81,7 @@ def overhead(batch: int, steps: int, repeats: int) -> list[tuple[str, float]]:
         x = y0.detach().requires_grad_()
         torch.autograd.grad(func(tt, x), [x, *params], v)
 
-    t_vjp = _median_time(lambda: [vjp() for _ in range(100)], repeats) / 100
+    t_vjp = median_time(lambda: [vjp() for _ in range(100)], repeats) / 100
     t_adj = t_all - t_fwd
     return [
         ("RHS callbacks per solve", n_rhs),
@@ -111,7 +112,7 @@ def jacobian_strategies(batches=(16, 64, 256), repeats=3) -> list[tuple[int, int
                              options={"step_size": 0.05, "jacobian": jac})[-1].sum().backward()
 
             run()
-            rows.append((batch, 4 * batch, jac, _median_time(run, repeats)))
+            rows.append((batch, 4 * batch, jac, median_time(run, repeats)))
     return rows
 
 

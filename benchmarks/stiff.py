@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from scipy.integrate import solve_ivp
 
 import pnode
 from benchmarks.common import md_table
+from benchmarks.engine import median_time
 from benchmarks.sensitivities import StiffSystem, reference_gradient, robertson, van_der_pol
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,15 +69,6 @@ def _pnode_gradient(case: Case, method: str, rtol: float, atol: float) -> tuple[
     ys = pnode.odeint(model, y0, t, method=method, rtol=rtol, atol=atol)
     grads = torch.autograd.grad((ys * w).sum(), [y0, *model.parameters()])
     return torch.cat([g.reshape(-1) for g in grads]).numpy(), pnode.last_stats()
-
-
-def _median(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        s = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - s)
-    return statistics.median(times)
 
 
 def _errors(got: np.ndarray, ref: np.ndarray, n: int) -> tuple[float, float]:
@@ -157,10 +148,10 @@ def run(quick: bool = False, timeout: float | None = None) -> list[dict]:
                 raise RuntimeError(sol.message)
 
         radau()  # warm-up
-        t_radau = _median(radau, repeats)
+        t_radau = median_time(radau, repeats)
         for method in methods:
             g, stats = _pnode_gradient(case, method, rtol, atol)
-            t_pnode = _median(lambda case=case, method=method, rtol=rtol, atol=atol:
+            t_pnode = median_time(lambda case=case, method=method, rtol=rtol, atol=atol:
                               _pnode_gradient(case, method, rtol, atol), repeats)
             e0, ep = _errors(g, ref, n)
             rows.append({"case": case.name, "solver": f"pnode {method}", "rtol": rtol, "seconds": t_pnode,
