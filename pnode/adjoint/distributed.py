@@ -40,24 +40,27 @@ def as_comm(comm: Any):
     return comm
 
 
-def agree(comm, fn: Callable[[], Any]) -> Any:
+def agree(comm, fn: Callable[[], Any], *, gather: bool = False) -> Any:
     """Run ``fn`` on every rank; if it raises on any rank, raise on every rank.
 
     Used for input checks before collective work: a ``ValueError`` on one rank
     (say a NaN in its shard) becomes the same ``ValueError`` on all ranks,
     naming the rank, instead of leaving the others waiting in a collective.
+    With ``gather``, ``fn`` returns ``(result, payload)`` and every rank also
+    receives all ranks' payloads, in the same single allgather.
     """
     try:
-        result, failure = fn(), None
+        out, failure = fn(), None
     except (ValueError, TypeError) as exc:
-        result, failure = None, (type(exc).__name__, str(exc))
-    failures = comm.allgather(failure)
-    bad = [(r, f) for r, f in enumerate(failures) if f is not None]
+        out, failure = (None, None) if gather else None, (type(exc).__name__, str(exc))
+    result, payload = out if gather else (out, None)
+    reports = comm.allgather((failure, payload))
+    bad = [(r, f) for r, (f, _) in enumerate(reports) if f is not None]
     if bad:
         rank, (kind, msg) = bad[0]
         cls = TypeError if kind == "TypeError" else ValueError
         raise cls(msg if rank == comm.Get_rank() else f"on rank {rank}: {msg}")
-    return result
+    return (result, [p for _, p in reports]) if gather else result
 
 
 class Distributed:
@@ -75,8 +78,26 @@ class Distributed:
         self.size = comm.Get_size()
         self.petsc = PETSc.Comm(comm)
 
-    def check_layout(self, spec, t: torch.Tensor, method: str, params, opts_key) -> tuple:
-        """Agree on everything but the shard sizes; return every rank's local sizes.
+    @staticmethod
+    def layout(spec, t: torch.Tensor, method: str, params, opts_key) -> tuple[dict, int]:
+        """This rank's description of the solve (no communication) and its shard size."""
+        if any(len(s) == 0 for s in spec.shapes):
+            raise ValueError("with comm=, every state tensor needs a leading batch axis to shard")
+        return {
+            "state structure": (spec.is_tuple, len(spec.shapes)),
+            "state trailing shape": tuple(tuple(s[1:]) for s in spec.shapes),
+            "state dtype": str(spec.dtype),
+            "output times": tuple(t.tolist()),
+            "method": method,
+            "options": repr(opts_key),
+            "parameter shapes": tuple((tuple(p.shape), str(p.dtype)) for p in params),
+        }, spec.size
+
+    @staticmethod
+    def shard_sizes(layouts: list[tuple[dict, int]]) -> tuple[int, ...]:
+        """Every rank's shard size, once all ranks' layouts agree but for them.
+
+        Runs on the gathered layouts, so every rank reaches the same verdict.
 
         Raises
         ------
@@ -85,24 +106,13 @@ class Distributed:
             dtype or structure, the output times, the method, the options or the
             parameter shapes.
         """
-        mine = {
-            "state structure": (spec.is_tuple, len(spec.shapes)),
-            "state trailing shape": tuple(tuple(s[1:]) for s in spec.shapes),
-            "state dtype": str(spec.dtype),
-            "output times": tuple(t.tolist()),
-            "method": method,
-            "options": repr(opts_key),
-            "parameter shapes": tuple((tuple(p.shape), str(p.dtype)) for p in params),
-        }
-        if any(len(s) == 0 for s in spec.shapes):
-            raise ValueError("with comm=, every state tensor needs a leading batch axis to shard")
-        layouts = self.comm.allgather((mine, spec.size))
+        ref = layouts[0][0]
         for r, (other, _) in enumerate(layouts):
-            for key, value in mine.items():
+            for key, value in ref.items():
                 if other[key] != value:
                     raise ValueError(
-                        f"ranks disagree on the {key}: rank {self.rank} has {value!r}, rank {r} "
-                        f"has {other[key]!r}; only the first (batch) axis may differ between ranks")
+                        f"ranks disagree on the {key}: rank 0 has {value!r}, rank {r} has "
+                        f"{other[key]!r}; only the first (batch) axis may differ between ranks")
         return tuple(n for _, n in layouts)
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:

@@ -471,13 +471,19 @@ def odeint(
     if dist is None:
         m, opts, params, spec, flat, t_out = prepare()
         shards: tuple[int, ...] = ()
-    else:  # every rank checks, then all agree (a bad shard raises on every rank)
-        m, opts, params, spec, flat, t_out = agree(dist.comm, prepare)
-        # the checkpoint directory may differ between ranks (node-local scratch)
-        ck = opts.checkpoint
-        same = (dataclasses.replace(opts, checkpoint=Checkpoint("stages")), ck.kind, ck.budget,
-                ck.disk_budget, ck.memory_mib)
-        shards = agree(dist.comm, lambda: dist.check_layout(spec, t_out, m.name, params, same))
+    else:  # every rank checks; one allgather shares the verdicts and the layouts
+        def prepare_and_describe():
+            prepared = prepare()
+            m, opts, params, spec, _, t_out = prepared
+            # the checkpoint directory may differ between ranks (node-local scratch)
+            ck = opts.checkpoint
+            same = (dataclasses.replace(opts, checkpoint=Checkpoint("stages")), ck.kind, ck.budget,
+                    ck.disk_budget, ck.memory_mib)
+            return prepared, dist.layout(spec, t_out, m.name, params, same)
+
+        (m, opts, params, spec, flat, t_out), layouts = agree(dist.comm, prepare_and_describe,
+                                                              gather=True)
+        shards = dist.shard_sizes(layouts)
 
     # 3. solve
     call = _Call(func, spec, params, m, opts, len(t_out), dist, shards)
