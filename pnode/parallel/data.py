@@ -25,10 +25,11 @@ def shard_slice(n: int, rank: int, size: int) -> slice:
 class DataParallel:
     """Data-parallel training of a model whose ODE blocks solve on ``comm``.
 
-    The ODE blocks (:class:`pnode.NeuralODE` with ``comm=comm``, or any
-    ``pnode.odeint(..., comm=comm)`` call) already return their parameter
-    gradients summed over ranks; this helper sums the gradients of every other
-    parameter with one allreduce, so after :meth:`reduce_gradients` every rank
+    The ODE blocks (:class:`pnode.NeuralODE` with ``comm=comm``, found
+    automatically, or the parameters of direct ``pnode.odeint(..., comm=comm)``
+    calls, passed as ``reduced``) already return their parameter gradients
+    summed over ranks; this helper sums the gradients of every other parameter
+    with one allreduce, so after :meth:`reduce_gradients` every rank
     holds the gradient of the sum of the ranks' losses: the serial gradient when
     each rank's loss is its share of the global loss (divide by
     :attr:`global_count`, not by the local batch size).
@@ -42,6 +43,10 @@ class DataParallel:
     seed : int, default 0
         Seeds torch identically on every rank (model initialisation), then the
         parameters are broadcast from rank 0 anyway.
+    reduced : iterable of Tensor, optional
+        Parameters whose gradients the engine already sums (those of a func
+        passed to ``pnode.odeint(..., comm=comm)`` outside a NeuralODE); summing
+        them again would multiply them by the number of ranks.
 
     Examples
     --------
@@ -51,10 +56,12 @@ class DataParallel:
     >>> loss.backward(); dp.reduce_gradients(); opt.step()
     """
 
-    def __init__(self, model: nn.Module, comm: Any = None, *, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, comm: Any = None, *, seed: int = 0,
+                 reduced: Iterable[torch.Tensor] = ()) -> None:
         from mpi4py import MPI
 
         self.model = model
+        self._reduced = {id(p) for p in reduced}
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         torch.manual_seed(seed)
@@ -64,7 +71,7 @@ class DataParallel:
     # -- set-up -----------------------------------------------------------------------
     def _ode_parameters(self) -> set[int]:
         """ids of parameters whose gradients the engine already sums (ODE blocks on comm)."""
-        ids = set()
+        ids = set(self._reduced)
         for mod in self.model.modules():
             if isinstance(mod, NeuralODE) and mod.odeint_kwargs.get("comm") is not None:
                 ids.update(id(p) for p in mod.func.parameters())
