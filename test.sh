@@ -21,11 +21,9 @@ echo "== serial tests"
 MPIEXEC=$(command -v mpiexec)
 for n in 2 3; do  # 3 ranks: uneven shards, and more ranks than this machine's 2 cores
   echo "== MPI tests (mpiexec -n $n)"
-  # --timeout-method=thread: the default SIGALRM method kills a rank whose PETSc error path
-  # (a NaN in a collective norm) ran while the alarm was armed; the thread method does not
+  # pytest-timeout's thread method: its SIGALRM method would interrupt MPI calls
   timeout 600 "$MPIEXEC" -n "$n" "$VENV/bin/python" -m pytest -q -m mpi --timeout=300 \
-    --timeout-method=thread \
-    -p no:cacheprovider tests/mpi
+    --timeout-method=thread -p no:cacheprovider tests/mpi
   # SNOpt's factor reduction and shared inversion (rank-count agnostic)
   timeout 600 "$MPIEXEC" -n "$n" "$VENV/bin/python" -m pytest -q --timeout=300 \
     --timeout-method=thread -p no:cacheprovider tests/control/test_distributed.py

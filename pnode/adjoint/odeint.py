@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import threading
 import weakref
@@ -65,6 +66,10 @@ class IMEX:
 _lock = threading.RLock()
 _pools: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _uncached: list[TSSolver] = []
+# Collective solvers waiting for a collective destruction, by creation number (the same on
+# every rank: they are created by collective odeint calls, in the same order).
+_graveyard: dict[int, TSSolver] = {}
+_collective_created = itertools.count()
 _last: dict[str, TSSolver] = {}
 
 
@@ -75,10 +80,33 @@ def _owner(func: Callable) -> tuple[Any, Any]:
     return func, None
 
 
+def _destroy(solver: TSSolver) -> None:
+    """Destroy a solver's PETSc objects, or, for a collective one, schedule that.
+
+    Destroying objects that live on a multi-rank communicator is collective, but
+    the moment a pool dies (garbage collection of its func) differs between
+    ranks; collective solvers therefore wait in ``_graveyard`` until a collective
+    odeint call, where the ranks agree on which to destroy (see :func:`_bury`).
+    """
+    if solver.dist is None:
+        solver.destroy()
+    else:
+        with _lock:
+            _graveyard[solver.seq] = solver
+
+
+def _bury(agreed: set[int]) -> None:
+    """Destroy the collective solvers every rank has scheduled, in creation order."""
+    with _lock:
+        doomed = [_graveyard.pop(seq) for seq in sorted(agreed)]
+    for solver in doomed:
+        solver.destroy()
+
+
 def _destroy_pool(pool: dict) -> None:
     for solvers in pool.values():
         for s in solvers:
-            s.destroy()
+            _destroy(s)
 
 
 def clear_cache() -> None:
@@ -140,7 +168,10 @@ class _Call:
         explicit, implicit = self._parts()
         prob = TorchProblem(self.spec, self.params, explicit=explicit, implicit=implicit,
                             jacobian=self.jacobian)
-        return TSSolver(prob, self.method, self.opts, self.dist)
+        solver = TSSolver(prob, self.method, self.opts, self.dist)
+        if self.dist is not None:
+            solver.seq = next(_collective_created)
+        return solver
 
     def _bind(self, solver: TSSolver) -> None:
         explicit, implicit = self._parts()
@@ -225,12 +256,12 @@ def _release(solver: TSSolver) -> None:
     solver.busy = False
     if solver in _uncached:
         _uncached.remove(solver)
-        solver.destroy()
+        _destroy(solver)
     elif solver.broken:
         with _lock:
             if solver.pool is not None and solver in solver.pool:
                 solver.pool.remove(solver)
-        solver.destroy()
+        _destroy(solver)
 
 
 # ---------------------------------------------------------------------------------------
@@ -479,11 +510,15 @@ def odeint(
             ck = opts.checkpoint
             same = (dataclasses.replace(opts, checkpoint=Checkpoint("stages")), ck.kind, ck.budget,
                     ck.disk_budget, ck.memory_mib)
-            return prepared, dist.layout(spec, t_out, m.name, params, same)
+            with _lock:
+                scheduled = frozenset(_graveyard)
+            return prepared, (dist.layout(spec, t_out, m.name, params, same), scheduled)
 
-        (m, opts, params, spec, flat, t_out), layouts = agree(dist.comm, prepare_and_describe,
-                                                              gather=True)
-        shards = dist.shard_sizes(layouts)
+        (m, opts, params, spec, flat, t_out), payloads = agree(dist.comm, prepare_and_describe,
+                                                               gather=True)
+        shards = dist.shard_sizes([layout for layout, _ in payloads])
+        # destroy the collective solvers that every rank has given up, all at this point
+        _bury(frozenset.intersection(*(scheduled for _, scheduled in payloads)))
 
     # 3. solve
     call = _Call(func, spec, params, m, opts, len(t_out), dist, shards)

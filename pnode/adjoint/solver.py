@@ -146,6 +146,7 @@ class TSSolver:
         self.busy = False  # a forward trajectory waits for its adjoint
         self.broken = False  # a PETSc error left the objects unusable: rebuild
         self.pool: list | None = None  # the cache list holding this solver
+        self.seq: int | None = None  # creation number of a collective solver (odeint._graveyard)
         self._objs: list = []
         self._steps: list[tuple[int, float]] = []
         self.stats = SolveStats(method.name)

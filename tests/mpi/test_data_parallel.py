@@ -212,3 +212,69 @@ def test_checkpoint_policies_under_mpi_equal_serial(policy, tmp_path):
     for a, b in zip(g[1:], g_ref[1:], strict=True):
         assert rel_err(a, b) < 1e-10
     assert list(tmp_path.iterdir()) == []
+
+
+def test_data_parallel_with_a_direct_odeint_call_and_reduced_parameters():
+    from pnode.parallel import DataParallel
+
+    class Model(torch.nn.Module):
+        def __init__(self, comm):
+            super().__init__()
+            torch.manual_seed(5)
+            self.enc = torch.nn.Linear(3, 3).double()
+            self.field = torch.nn.Linear(3, 3).double()
+            self.comm = comm
+
+        def forward(self, x):
+            h = self.enc(x)
+            ys = pnode.odeint(lambda t, y: torch.tanh(self.field(y)), h, T, method="rk4",
+                              options={"step_size": 0.1}, adjoint_params=list(self.field.parameters()),
+                              comm=self.comm)
+            return ys[-1]
+
+    torch.manual_seed(6)
+    X = torch.randn(2 * SIZE + 1, 3, dtype=torch.float64)
+    serial = Model(None)
+    serial(X).pow(2).sum().backward()
+    model = Model(COMM)
+    dp = DataParallel(model, COMM, reduced=model.field.parameters())
+    model(dp.shard(X)).pow(2).sum().backward()
+    dp.reduce_gradients()
+    for p, q in zip(model.parameters(), serial.parameters(), strict=True):
+        assert rel_err(p.grad, q.grad) < 1e-10
+
+
+def test_collective_solvers_are_destroyed_only_where_every_rank_agrees():
+    # Destroying PETSc objects on a multi-rank communicator is collective, but funcs die (and
+    # their solver pools with them) at different moments on different ranks: those solvers
+    # wait until every rank has given them up, then go at the same collective call.
+    import gc
+    import sys
+
+    engine = sys.modules["pnode.adjoint.odeint"]  # the module (pnode.adjoint.odeint is the function)
+
+    class Lin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3).double()
+
+        def forward(self, t, y):
+            return self.lin(y)
+
+    kw = {"method": "rk4", "options": {"step_size": 0.25}, "comm": COMM}
+    y0 = torch.randn(2, 3, dtype=torch.float64)
+    keeper, doomed = Lin(), Lin()
+    with torch.no_grad():
+        pnode.odeint(doomed, y0, T, **kw)
+    seq = engine._last["solver"].seq
+    box = [doomed] if RANK != 0 else []  # rank 0 lets its func die first
+    del doomed
+    gc.collect()
+    with torch.no_grad():
+        pnode.odeint(keeper, y0, T, **kw)
+    assert (seq in engine._graveyard) == (RANK == 0)  # scheduled on rank 0, not destroyed yet
+    box.clear()
+    gc.collect()
+    with torch.no_grad():
+        pnode.odeint(keeper, y0, T, **kw)  # every rank has given it up: destroyed everywhere
+    assert seq not in engine._graveyard
