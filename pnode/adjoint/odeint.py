@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import dae
 from .checkpoint import Checkpoint
 from .distributed import Distributed, agree, as_comm
 from .function import Lease, OdeintFunction
@@ -128,8 +129,9 @@ class _Call:
 
     def __init__(self, func, spec: StateSpec, params: list[torch.Tensor], method: Method,
                  opts: SolveOptions, n_times: int, dist: Distributed | None = None,
-                 shard_sizes: tuple[int, ...] = ()) -> None:
+                 shard_sizes: tuple[int, ...] = (), mass: dae.Mass | None = None) -> None:
         self.func, self.spec, self.params, self.method, self.opts = func, spec, params, method, opts
+        self.mass = mass
         self.dist = dist
         self.record = True  # a backward pass may follow (set by odeint)
         self.imex = isinstance(func, IMEX)
@@ -154,6 +156,7 @@ class _Call:
             # collective solves: every rank must hit or miss the cache together (creating a
             # TS is collective), so the key holds all ranks' shard sizes
             None if dist is None else (dist.comm.py2f(), shard_sizes),
+            None if mass is None else mass.layout,
         )
 
     def _parts(self):
@@ -181,6 +184,7 @@ class _Call:
         if prob.implicit is not None:
             prob.implicit.func = implicit
         prob.params = tuple(self.params)
+        prob.mass = self.mass
 
     def acquire(self, record: bool) -> Lease:
         owner, fkey = _owner(self.func)
@@ -402,6 +406,7 @@ def odeint(
     checkpoint: str | Checkpoint = "stages",
     petsc_options: Mapping[str, Any] | None = None,
     comm: Any = None,
+    mass: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Integrate ``dy/dt = func(t, y)`` with a PETSc TS; gradients by PETSc TSAdjoint.
 
@@ -455,6 +460,15 @@ def odeint(
         respect to its ``y0``, and the parameter gradients summed over ranks
         (identical on every rank; one allreduce per backward pass).  A failure on
         one rank raises on every rank.  Implicit methods use matrix-free Krylov.
+    mass : Tensor, optional
+        Solve ``M y' = func(t, y)`` with a constant mass matrix ``M``: a vector of
+        diagonal entries (zeros mark algebraic rows) or an ``[n, n]`` matrix (``n``
+        state elements; may be singular: an index-1 DAE).  Implicit TSTHETA methods
+        only (``implicit_euler``, ``trapezoid``, ``theta``).  ``y0`` must satisfy the
+        algebraic equations at ``t[0]`` to within ``rtol``/``atol``, or set
+        ``options={"consistent_init": True}`` to solve them for its algebraic
+        components (Newton).  ``M`` is differentiated if it requires grad.  See
+        the "DAEs and mass matrices" page of the documentation.
 
     Returns
     -------
@@ -481,6 +495,7 @@ def odeint(
     """
     mpi = as_comm(comm)
     dist = Distributed(mpi) if mpi is not None and mpi.Get_size() > 1 else None
+    (options, dae_init), mass_info = dae.split_options(options), [None]
 
     def prepare():
         # 1. check inputs
@@ -497,6 +512,11 @@ def odeint(
         spec = StateSpec.from_state(y0 if isinstance(y0, (tuple, list)) else tensors[0])
         flat = spec.flatten(tuple(tensors) if spec.is_tuple else tensors[0])
         t_out = tt.to(spec.dtype) if tt.dtype != spec.dtype else tt
+        # DAE: validate the mass, check (or make) y0 consistent (pnode/adjoint/dae.py)
+        mass_info[0], flat, params = dae.prepare_mass(
+            mass, func, spec, flat, t_out, m, rtol=opts.rtol, atol=opts.atol,
+            jacobian=opts.jacobian, imex=isinstance(func, IMEX), consistent_init=dae_init,
+            params=params, collective=dist is not None)
         return m, opts, params, spec, flat, t_out
 
     if dist is None:
@@ -521,7 +541,7 @@ def odeint(
         _bury(frozenset.intersection(*(scheduled for _, scheduled in payloads)))
 
     # 3. solve
-    call = _Call(func, spec, params, m, opts, len(t_out), dist, shards)
+    call = _Call(func, spec, params, m, opts, len(t_out), dist, shards, mass=mass_info[0])
     # Inside autograd.Function.forward grad mode is off and needs_input_grad ignores
     # torch.no_grad(), so whether a backward can follow is decided here: under no_grad
     # no trajectory is kept (it would cost memory in proportion to the steps).

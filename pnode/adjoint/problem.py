@@ -168,6 +168,9 @@ class TorchProblem:
         self.collective = False
         self._ijac_shift = 0.0
         self.shells: dict[str, list[_ShellContext]] = {}
+        # mass matrix of M y' = f (pnode.adjoint.dae.Mass; None: the identity), bound per call
+        self.mass = None
+        self._xdot: torch.Tensor | None = None  # y' of the last IJacobianP (trainable mass)
 
     # -- evaluation helpers -------------------------------------------------------------
     def _t(self, t: float) -> torch.Tensor:
@@ -446,7 +449,8 @@ class TorchProblem:
             self.counters.rhs += 1
             with torch.no_grad():
                 f = self._eval(self.implicit, t, vec_view(X))
-                torch.sub(vec_view(Xdot), f.to(torch.float64), out=vec_view(F, "w"))
+                xdot = vec_view(Xdot) if self.mass is None else self.mass.matvec(vec_view(Xdot))
+                torch.sub(xdot, f.to(torch.float64), out=vec_view(F, "w"))
 
         self._guard(t, body, F)
 
@@ -461,7 +465,10 @@ class TorchProblem:
                 a = P.getDenseArray()  # column-major view of the local dense block
                 A = torch.from_numpy(a)
                 A.copy_(-jac)
-                A.diagonal().add_(float(shift))
+                if self.mass is None:
+                    A.diagonal().add_(float(shift))
+                else:
+                    self.mass.add_shifted(A, float(shift))
                 P.assemble()
             elif self.jacobian == "blocks":
                 blocks = -self._block_jacobian(self.implicit, pt)
@@ -474,7 +481,19 @@ class TorchProblem:
 
     def ijacobian_p(self, ts, t, X, Xdot, shift, Jp):
         self._reset_shells("ijac_p")
-        self._guard(t, lambda: self._set_point(self.implicit, t, X))
+
+        def body():
+            self._set_point(self.implicit, t, X)
+            if self.mass is not None and self.mass.trainable:
+                self._xdot = vec_view(Xdot).clone()
+
+        self._guard(t, body)
+
+    def _shifted(self, v: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``shift * M v`` (``M^T`` with ``transpose``) of the last IJacobian."""
+        if self.mass is None:
+            return self._ijac_shift * v
+        return self._ijac_shift * self.mass.matvec(v, transpose)
 
     # -- shell matrix contexts ------------------------------------------------------------
     def shell(self, kind: str) -> _ShellContext:
@@ -529,7 +548,7 @@ class _ShellContext:
             if self.kind == "rhs_x":
                 out = prob._jvp(self.part, v)
             elif self.kind == "ijac_x":
-                out = prob._ijac_shift * v - prob._jvp(self.part, v).to(torch.float64)
+                out = prob._shifted(v) - prob._jvp(self.part, v).to(torch.float64)
             else:
                 raise NotImplementedError(f"forward product with the {self.kind} Jacobian")
             vec_view(y, "w").copy_(out)
@@ -561,7 +580,7 @@ class _ShellContext:
                 if self.kind == "rhs_x":
                     out.copy_(gx)
                 else:
-                    torch.sub(prob._ijac_shift * v, gx, out=out)
+                    torch.sub(prob._shifted(v, transpose=True), gx, out=out)
             else:
                 if pt.cached_v is not None and pt.cached_v == _vec_key(x):
                     gp = pt.cached_gp
@@ -572,6 +591,9 @@ class _ShellContext:
                     out.copy_(gp)
                 else:
                     torch.neg(gp, out=out)
+                    if prob.mass is not None and prob.mass.trainable:  # dF/dM = y' (last block)
+                        k = prob.params[-1].numel()
+                        out[out.numel() - k:].add_(prob.mass.param_grad(v, prob._xdot))
             self._finish(x, y)
 
         prob._guard(part.point.t if part.point else 0.0, body, y)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .cnf2d import CNF2D
 from .cnf_tabular import CNFTabular
+from .dae import PendulumDAE
 from .digits import Digits
 from .pde import BurgersClosure
 from .rober import RoberKinetics
@@ -39,6 +40,7 @@ EXAMPLES: dict[str, type[Example]] = {
     cls.name: cls
     for cls in (Spiral, CNF2D, CNFTabular, Digits, RoberKinetics, BurgersClosure, DigitsSNOpt)
 }
+EXAMPLES[PendulumDAE.name] = PendulumDAE  # pnode run dae (pnode/examples/dae.py)
 
 
 def run(name: str, argv: Sequence[str] = (), *, out_default: Path | None = None) -> RunResult:
