@@ -388,8 +388,9 @@ def resolve_method(name: str | None) -> Method:
                           description=f"PETSc TSARKIMEX '{sub}'")
     if key in _REFUSED:
         why, nearest = _REFUSED[key]
-        raise ValueError(f"method {name!r} is not available in pnode: {why}. The nearest "
-                         f"pnode method is {nearest}. Valid methods are: {_valid_names()}")
+        raise ValueError(f"method {name!r} has no discrete adjoint in pnode: {why}. The "
+                         f"nearest pnode method is {nearest}. Valid methods are: "
+                         f"{_valid_names()}")
     if key in NO_ADJOINT:
         raise ValueError(
             f"method {name!r}: {NO_ADJOINT[key]} has no discrete adjoint in PETSc 3.26 "

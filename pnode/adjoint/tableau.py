@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from numbers import Real
 
 __all__ = ["ButcherTableau"]
@@ -95,9 +96,11 @@ class ButcherTableau:
         s = len(b)
         if len(rows) != s:
             raise ValueError(f"ButcherTableau: A has {len(rows)} rows but b has {s} weights")
-        A = []
+        A, exact_sums = [], []
         for i, row in enumerate(rows):
             r = _vector(f"row {i} of A", row, None)
+            # the exact sum of the given entries (a Fraction stays exact), rounded once
+            exact_sums.append(float(sum((Fraction(x) for x in row), Fraction(0))))
             if len(r) > s:
                 raise ValueError(f"ButcherTableau: row {i} of A has {len(r)} entries, more "
                                  f"than the {s} stages")
@@ -109,7 +112,7 @@ class ButcherTableau:
                     f"ButcherTableau: A[{i}][{upper[0]}] = {A[i][upper[0]]} lies above the "
                     "diagonal; only explicit (strictly lower) and diagonally implicit (lower) "
                     "tableaux have a discrete adjoint in PETSc (TSRK, TSARKIMEX)")
-        sums = [math.fsum(r) for r in A]
+        sums = exact_sums
         c = tuple(sums) if self.c is None else _vector("c", self.c, s)
         for i in range(s):
             if not _close(sums[i], c[i], math.fsum(abs(x) for x in A[i])):
