@@ -8,6 +8,7 @@
 ``rober``       Robertson's stiff kinetics: rate constants from noisy data, implicit method
 ``pde``         closure term of a method-of-lines viscous Burgers equation, IMEX method
 ``snopt``       the digits classifier trained by SNOpt (second-order, factors from the adjoint)
+``rmtr``        multilevel trust-region training of a forward-Euler ResNet on the digits
 =============== =====================================================================
 
 Use them from Python with :func:`run`::
@@ -26,19 +27,22 @@ from .cnf2d import CNF2D
 from .cnf_tabular import CNFTabular
 from .digits import Digits
 from .pde import BurgersClosure
+from .rmtr import DigitsRMTR
 from .rober import RoberKinetics
-from .runner import CheckpointError, Example, ExampleError, Option, RunResult, run_example
+from .runner import CheckpointError, Example, ExampleError, NotParallelError, Option, RunResult, run_example
 from .snopt import DigitsSNOpt
 from .spiral import Spiral
 
 __all__ = ["EXAMPLES", "run", "Example", "Option", "RunResult", "ExampleError", "CheckpointError",
            "Spiral", "CNF2D", "CNFTabular", "Digits", "RoberKinetics", "BurgersClosure", "DigitsSNOpt"]
+__all__ += ["NotParallelError", "DigitsRMTR"]
 
 #: example name -> class, in the order ``pnode run --list`` shows them
 EXAMPLES: dict[str, type[Example]] = {
     cls.name: cls
     for cls in (Spiral, CNF2D, CNFTabular, Digits, RoberKinetics, BurgersClosure, DigitsSNOpt)
 }
+EXAMPLES[DigitsRMTR.name] = DigitsRMTR
 
 
 def run(name: str, argv: Sequence[str] = (), *, out_default: Path | None = None) -> RunResult:

@@ -17,6 +17,7 @@ EXPECTED = {
     "rober": ("k_max_rel_error", ["trajectories.png"]),
     "pde": ("test_rel_l2_error", ["solution.png"]),
     "snopt": ("test_accuracy", ["predictions.png"]),
+    "rmtr": ("test_accuracy", ["rmtr.png"]),
 }
 
 
