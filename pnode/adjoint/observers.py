@@ -105,39 +105,57 @@ def notify(event: VjpEvent) -> None:
         callback(event)
 
 
-def stage_weights(A: list[list[float]], b: list[float]) -> Callable[[float, float, float], float | None]:
+def stage_weights(tableau, b: list[float] | None = None
+                  ) -> Callable[[float, float, float], float | None]:
     """Weight of an explicit Runge-Kutta stage, from its time in the adjoint sweep.
 
     PETSc's RK adjoint visits a step from its end: it reports the step's end time
-    ``ptime`` and a negative step ``h``, and evaluates stage ``i`` at
-    ``ptime + h (1 - c_i)``; it scales the stage's parameter product by ``-h b_i``
-    (``-h`` when ``b_i = 0``, whose cotangent carries the tableau weights itself).
-    Stages that share ``c_i`` must share the weight (true of PETSc's tableaux once
-    the last stage of a first-same-as-last tableau, which the adjoint skips, is
-    left out).
+    ``ptime`` and a negative step ``h``, and evaluates stages ``i = s-1, ..., 0``
+    in turn at ``ptime + h (1 - c_i)``, skipping the last stage of a
+    first-same-as-last tableau; it scales the stage's parameter product by
+    ``-h b_i`` (``-h`` when ``b_i = 0``, whose cotangent carries the tableau
+    weights itself).  A stage is found from its time; where stages share a node
+    ``c_i`` (Verner's 7(6) and 8(7) have two at ``c = 1`` with different
+    weights), the visiting order decides: within a step the stage index only
+    decreases, so the match is the highest index below the last one visited.
 
     Parameters
     ----------
-    A : list of list of float
-        Runge-Kutta matrix (``c_i`` are its row sums).
-    b : list of float
-        Weights of the tableau.
+    tableau : ButcherTableau or list of list of float
+        The scheme's tableau (or, as before, its Runge-Kutta matrix ``A`` with
+        ``c_i`` its row sums, together with ``b``).
+    b : list of float, optional
+        Weights, when ``tableau`` is the matrix ``A``.
 
     Returns
     -------
     callable
         ``weight(t_stage, ptime, h)``, ``None`` when the time matches no stage.
     """
-    c = [sum(row) for row in A]
-    coef = [bi if bi != 0 else 1.0 for bi in b]
-    if len(b) > 1 and all(abs(x - y) < 1e-15 for x, y in zip(A[-1], b, strict=True)):
+    from .tableau import ButcherTableau
+
+    if not isinstance(tableau, ButcherTableau):
+        tableau = ButcherTableau(A=tableau, b=b, order=1)
+    c = list(tableau.c)
+    coef = [bi if bi != 0 else 1.0 for bi in tableau.b]
+    if tableau.fsal:
         c, coef = c[:-1], coef[:-1]  # first same as last: PETSc's adjoint skips that stage
+    last: dict = {"step": None, "index": len(c)}
 
     def weight(t_stage: float, ptime: float, h: float) -> float | None:
         if h == 0:
             return None
         ci = 1.0 - (t_stage - ptime) / h
-        found = {coef[i] for i in range(len(c)) if abs(c[i] - ci) < 1e-8}
-        return -h * found.pop() if len(found) == 1 else None
+        if last["step"] != (ptime, h):
+            last["step"], last["index"] = (ptime, h), len(c)
+        matches = [i for i in range(len(c)) if abs(c[i] - ci) < 1e-8]
+        below = [i for i in matches if i < last["index"]]
+        if not below:  # a new visit of the same step (another adjoint sweep)
+            below = matches
+        if not below:
+            return None
+        i = max(below)
+        last["index"] = i
+        return -h * coef[i]
 
     return weight

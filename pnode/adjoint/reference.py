@@ -15,67 +15,39 @@ one graph-carrying Newton correction at the converged point.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from fractions import Fraction as F
 
 import torch
 
 from .methods import resolve_method
 from .state import StateSpec
+from .tableau import ButcherTableau
 
-__all__ = ["TABLEAUX", "odeint_reference", "gradient_errors", "finite_difference_errors"]
-
-
-def _tab(rows, b):
-    A = [[float(x) for x in r] + [0.0] * (len(b) - len(r)) for r in rows]
-    return A, [float(x) for x in b]
+__all__ = ["odeint_reference", "gradient_errors", "finite_difference_errors"]
 
 
-# Butcher tableaux of PETSc's TSRK types (A strictly lower triangular; c = row sums).
-TABLEAUX: dict[str, tuple[list[list[float]], list[float]]] = {
-    "1fe": _tab([[]], [1]),
-    "2a": _tab([[], [1]], [F(1, 2), F(1, 2)]),
-    "2b": _tab([[], [F(1, 2)]], [0, 1]),
-    "3": _tab([[], [F(2, 3)], [F(-1, 3), 1]], [F(1, 4), F(1, 2), F(1, 4)]),
-    "3bs": _tab(
-        [[], [F(1, 2)], [0, F(3, 4)], [F(2, 9), F(1, 3), F(4, 9)]],
-        [F(2, 9), F(1, 3), F(4, 9), 0],
-    ),
-    "4": _tab([[], [F(1, 2)], [0, F(1, 2)], [0, 0, 1]], [F(1, 6), F(1, 3), F(1, 3), F(1, 6)]),
-    "5f": _tab(
-        [
-            [],
-            [F(1, 4)],
-            [F(3, 32), F(9, 32)],
-            [F(1932, 2197), F(-7200, 2197), F(7296, 2197)],
-            [F(439, 216), -8, F(3680, 513), F(-845, 4104)],
-            [F(-8, 27), 2, F(-3544, 2565), F(1859, 4104), F(-11, 40)],
-        ],
-        [F(16, 135), 0, F(6656, 12825), F(28561, 56430), F(-9, 50), F(2, 55)],
-    ),
-    "5dp": _tab(
-        [
-            [],
-            [F(1, 5)],
-            [F(3, 40), F(9, 40)],
-            [F(44, 45), F(-56, 15), F(32, 9)],
-            [F(19372, 6561), F(-25360, 2187), F(64448, 6561), F(-212, 729)],
-            [F(9017, 3168), F(-355, 33), F(46732, 5247), F(49, 176), F(-5103, 18656)],
-            [F(35, 384), 0, F(500, 1113), F(125, 192), F(-2187, 6784), F(11, 84)],
-        ],
-        [F(35, 384), 0, F(500, 1113), F(125, 192), F(-2187, 6784), F(11, 84), 0],
-    ),
-}
+def _rk_step(f, t, y, h, tab: ButcherTableau):
+    """One step of an explicit or diagonally implicit Runge-Kutta scheme.
 
-
-def _rk_step(f, t, y, h, A, b):
-    c = [sum(row) for row in A]
-    ks = []
-    for i in range(len(b)):
+    Slopes ``k_i = f(t + c_i h, Y_i)`` with ``Y_i = y + h sum_j A_ij k_j``; a stage
+    with ``A_ii != 0`` solves for ``Y_i`` by Newton's method (as PETSc's ARKIMEX does)
+    and differentiates through the solution by the implicit-function theorem.
+    """
+    A, b, c = tab.A, tab.b, tab.c
+    ks: list[torch.Tensor] = []
+    for i in range(tab.stages):
         yi = y
         for j in range(i):
             if A[i][j] != 0.0:
                 yi = yi + (h * A[i][j]) * ks[j]
-        ks.append(f(t + c[i] * h, yi))
+        ti = t + c[i] * h
+        if A[i][i] != 0.0:
+            z, gamma = yi, h * A[i][i]
+
+            def residual(x, z=z, gamma=gamma, ti=ti):
+                return x - z - gamma * f(ti, x)
+
+            yi = _newton(residual, z.detach())
+        ks.append(f(ti, yi))
     out = y
     for bi, k in zip(b, ks, strict=True):
         if bi != 0.0:
@@ -142,7 +114,8 @@ def odeint_reference(
     t : Tensor
         Output times; each must appear in ``step_times``.
     method : str
-        A pnode method name with a tableau here (explicit RK) or a theta scheme.
+        A pnode method with a Butcher tableau in the registry (every explicit RK
+        method, ``sdirk2``, ``trbdf2``) or a theta scheme.
     step_times : sequence of float
         All step boundaries ``t_0 < t_1 < ... < t_M`` (e.g. ``stats.step_times``).
     output_steps : sequence of int, optional
@@ -173,13 +146,11 @@ def odeint_reference(
         tt = torch.as_tensor(tt, dtype=spec.dtype)
         return spec.check_output(func(tt, spec.unflatten(yy)), "func")
 
-    if m.ts_type == "rk":
-        if m.subtype not in TABLEAUX:
-            raise ValueError(f"no reference tableau for {method!r}")
-        A, b = TABLEAUX[m.subtype]
+    tab = m.tableau
+    if tab is not None:  # explicit RK, or a diagonally implicit tableau run by ARKIMEX
 
         def step(tn, yn, h):
-            return _rk_step(f, tn, yn, h, A, b)
+            return _rk_step(f, tn, yn, h, tab)
     elif m.ts_type in ("beuler", "cn", "theta"):
         th = m.theta if theta is None else theta
         ep = m.endpoint if endpoint is None else endpoint

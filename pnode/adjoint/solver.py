@@ -159,6 +159,7 @@ class TSSolver:
         ts.setProblemType(PETSc.TS.ProblemType.NONLINEAR)
         ts.setType(method.ts_type)
         try:
+            method.register()  # a tableau pnode adds reaches PETSc before first use
             if method.ts_type == "rk":
                 ts.setRKType(method.subtype)
             elif method.ts_type == "arkimex":
@@ -168,10 +169,7 @@ class TSSolver:
             raise ValueError(f"PETSc has no {method.ts_type.upper()} tableau named "
                              f"{method.subtype!r} (method {method.name!r})") from None
         if method.ts_type == "rk":
-            from .reference import TABLEAUX  # Butcher coefficients of PETSc's RK types
-
-            if method.subtype in TABLEAUX:
-                problem.stage_weight = stage_weights(*TABLEAUX[method.subtype])
+            problem.stage_weight = stage_weights(method.tableau)  # from the method registry
         if method.ts_type == "theta":
             ts.setTheta(opts.theta if opts.theta is not None else method.theta)
             ts.setThetaEndpoint(opts.endpoint if opts.endpoint is not None else method.endpoint)

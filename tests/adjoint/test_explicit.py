@@ -5,11 +5,13 @@ import torch
 
 import pnode
 from pnode.adjoint.reference import gradient_errors, odeint_reference
+from tests.adjoint import method_checks
 from tests.models import TimeMLP, TupleField, rel_err
 
-FIXED = ["euler", "midpoint", "heun", "rk3", "bosh3", "rk4", "fehlberg5", "dopri5"]
-ADAPTIVE = ["heun", "bosh3", "fehlberg5", "dopri5"]
-T = torch.tensor([0.0, 0.3, 0.75, 1.2], dtype=torch.float64)
+# from the registry: every explicit RK method, and those with an embedded pair
+FIXED = method_checks.explicit()
+ADAPTIVE = method_checks.adaptive_explicit()
+T = method_checks.T
 
 
 def _compare(func, y0, method, **kw):

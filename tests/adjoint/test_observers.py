@@ -4,6 +4,9 @@ import pytest
 import torch
 
 import pnode
+from pnode.adjoint.methods import resolve_method
+from pnode.adjoint.observers import stage_weights
+from tests.adjoint import method_checks
 from tests.models import TimeMLP, rel_err
 
 T = torch.tensor([0.0, 0.35, 1.0], dtype=torch.float64)
@@ -45,6 +48,30 @@ def test_weighted_products_sum_to_the_parameter_gradient(method, kw):
     # removed: no more events
     pnode.odeint(func, y0, T, method=method, **kw).sum().backward()
     assert len(events) == st.vjps
+
+
+@pytest.mark.parametrize("method", method_checks.explicit())
+def test_every_explicit_method_has_exact_weights_fixed_steps(method):
+    method_checks.check_observer_weights(method, **method_checks.FIXED)
+
+
+@pytest.mark.parametrize("method", method_checks.adaptive_explicit())
+def test_every_explicit_method_has_exact_weights_adaptive_steps(method):
+    method_checks.check_observer_weights(method, rtol=1e-6)
+
+
+def test_stages_sharing_a_node_get_their_own_weights():
+    """Verner 7(6) has two stages at c = 1 with different b: told apart by visiting order."""
+    tab = resolve_method("verner7").tableau
+    shared = [i for i in range(tab.stages) if abs(tab.c[i] - 1.0) < 1e-12]
+    assert len(shared) == 2 and tab.b[shared[0]] != tab.b[shared[1]] and not tab.fsal
+    weight = stage_weights(tab)
+    ptime, h = 2.0, -0.25
+    seen = [weight(ptime + h * (1 - tab.c[i]), ptime, h) for i in reversed(range(tab.stages))]
+    want = [-h * (b if b != 0 else 1.0) for b in reversed(tab.b)]
+    assert seen == want
+    # a second sweep over the same step starts again from the last stage
+    assert weight(ptime, ptime, h) == want[0]
 
 
 def test_implicit_methods_report_no_weight():
