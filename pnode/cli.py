@@ -108,17 +108,38 @@ def _cmd_run(argv: list[str]) -> int:
         print(f"{_RUN_USAGE}\npnode run: error: unknown example {name!r}; valid: {', '.join(EXAMPLES)}",
               file=sys.stderr)
         return 2
+    from petsc4py import PETSc
+
     import pnode
+
+    from .examples import NotParallelError
+    from .examples.distributed import RunComm
+
+    root = RunComm().root  # under mpirun, messages and the summary come from rank 0 only
+
+    def fail(message: str, status: int = 1) -> int:
+        if root:
+            print(f"pnode run {name}: {message}", file=sys.stderr, flush=True)
+        return status
 
     try:
         result = run(name, rest)
+    except NotParallelError as e:
+        return fail(f"error: {e}", 2)
     except ExampleError as e:
-        print(f"pnode run {name}: error: {e}", file=sys.stderr)
-        return 1
+        return fail(f"error: {e}")
     except pnode.SolverError as e:
-        print(f"pnode run {name}: the ODE solver failed: {e}\n"
-              "Try a smaller --lr, another --method or tighter tolerances.", file=sys.stderr)
-        return 1
+        return fail(f"the ODE solver failed: {e}\n"
+                    "Try a smaller --lr, another --method or tighter tolerances.")
+    except PETSc.Error as e:
+        # e.g. -pnode_ts_type bogus: PETSc refuses the option when the first solver reads it
+        return fail(f"PETSc refused the run (error code {getattr(e, 'ierr', '?')}): {e}\n"
+                    "Check the single-dash PETSc options (names, values); -help lists them.")
+    except OSError as e:
+        return fail(f"cannot write the outputs: {e.strerror or e} ({e.filename or ''}); "
+                    "choose another --out")
+    if not root:
+        return 0
     m = result.metrics
     if m["final_loss"] is None:
         print(f"{name}: no training iterations")

@@ -113,6 +113,7 @@ class Factors:
         self.A_new = torch.zeros(d_in, d_in, dtype=dtype)
         self.G_new = torch.zeros(d_out, d_out, dtype=dtype)
         self.n_new = 0  # contributions in A_new/G_new
+        self.samples_new = 0  # batch size of those contributions (for combining uneven shards)
         # running averages and their inverse
         self.A: torch.Tensor | None = None
         self.G: torch.Tensor | None = None
@@ -127,6 +128,7 @@ class Factors:
         self.A_new.addmm_(a.t(), a, alpha=weight / a.shape[0])
         self.G_new.addmm_(g.t(), g, alpha=weight * b)
         self.n_new += 1
+        self.samples_new = b
 
     def fold(self, decay: float) -> None:
         """Move the collected factors into the running averages (the first collection sets them)."""
@@ -143,6 +145,7 @@ class Factors:
         self.A_new.zero_()
         self.G_new.zero_()
         self.n_new = 0
+        self.samples_new = 0
 
     # -- inversion -------------------------------------------------------------------
     def invert(self, damping: float, method: str, name: str = "layer") -> None:

@@ -101,10 +101,24 @@ class SNOpt(torch.optim.Optimizer):
         of every :class:`pnode.NeuralODE` inside ``model``; pass them for models
         that call :func:`pnode.odeint` themselves.
     comm : mpi4py communicator, optional
-        Data decomposition: the factors of each collection are averaged over the
+        Data decomposition: the factors of each collection are combined over the
         ranks (one ``Allreduce``), each rank inverts a balanced share of the layers
-        and broadcasts the result.  Gradients must already be averaged (as under
-        the engine's data decomposition).
+        and broadcasts the result.
+    reduction : {"mean", "sum"}, default "mean"
+        How the gradients under ``comm`` were formed.  ``"mean"``: each rank's loss
+        is the mean over its own (equal-sized) shard and the caller averages the
+        gradients over ranks.  ``"sum"``: the engine's data decomposition
+        (``pnode.odeint(..., comm=)``, :class:`pnode.parallel.DataParallel`, ``pnode
+        run``): each rank's loss is its share of the global mean (sum over the shard
+        divided by the global batch size) and gradients are summed over ranks; the
+        factors are then combined by shard size, so uneven shards give the serial
+        factors too.
+
+    Hyperparameters are read per parameter group (``lr``, ``momentum``, ``betas``,
+    ``eps``, ``weight_decay``, ``kl_clip`` for the group's parameters; ``damping``,
+    ``factor_decay``, ``inverse`` for the layers whose weight is in the group);
+    ``update_freq`` and ``inv_freq`` schedule all layers together and must agree
+    across groups.
 
     Raises
     ------
@@ -135,7 +149,7 @@ class SNOpt(torch.optim.Optimizer):
                  damping: float = 1e-2, factor_decay: float = 0.8, update_freq: int = 4,
                  inv_freq: int = 4, inverse: str = "eig", kl_clip: float | None = 1e-2,
                  weight_decay: float = 0.0, ode_funcs: Iterable[nn.Module] | None = None,
-                 comm: Any = None) -> None:
+                 comm: Any = None, reduction: str = "mean") -> None:
         # 1. validate
         if not isinstance(model, nn.Module):
             raise TypeError(f"SNOpt needs the model (an nn.Module), got {type(model).__name__}")
@@ -153,6 +167,9 @@ class SNOpt(torch.optim.Optimizer):
         _check(isinstance(inv_freq, int) and inv_freq >= 1, "inv_freq", inv_freq)
         if inverse not in ("eig", "cholesky"):
             raise ValueError(f"Invalid inverse {inverse!r}; use 'eig' or 'cholesky'")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"Invalid reduction {reduction!r}; use 'mean' (local-mean losses, "
+                             "gradients averaged) or 'sum' (the engine's comm= decomposition)")
         _check(kl_clip is None or kl_clip > 0, "kl_clip", kl_clip)
         _check(weight_decay >= 0, "weight_decay", weight_decay)
 
@@ -186,6 +203,7 @@ class SNOpt(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.base = base
         self.comm = comm
+        self.reduction = reduction
         self.layers: list[nn.Module] = inner + outer
         self.ode_layers = frozenset(id(m) for m in inner)
         self._ode_funcs = frozenset(id(f) for f in funcs)
@@ -243,7 +261,7 @@ class SNOpt(torch.optim.Optimizer):
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["snopt"] = {"steps": self.steps, "collecting": self.collecting,
+        sd["snopt"] = {"steps": self.steps, "collecting": self.collecting, "base": self.base,
                        "last_directional_derivative": self.last_directional_derivative}
         return sd
 
@@ -251,7 +269,11 @@ class SNOpt(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("snopt", None)
         super().load_state_dict(state_dict)
+        if extra is not None and extra.get("base", self.base) not in ("sgd", "adam"):
+            raise ValueError(f"Invalid state_dict: base optimizer {extra['base']!r}")
         if extra is not None:
+            # the base rule owns the per-parameter state (momentum or Adam moments) just loaded
+            self.base = extra.get("base", self.base)
             self.steps = int(extra["steps"])
             self.collecting = bool(extra["collecting"])
             self.last_directional_derivative = float(extra["last_directional_derivative"])
@@ -272,6 +294,16 @@ class SNOpt(torch.optim.Optimizer):
             st.update({"inv_" + k: v for k, v in fac.inverse.items()})
 
     # -- the step -----------------------------------------------------------------------
+    def _group_of(self) -> dict[int, dict[str, Any]]:
+        """Parameter id -> its param group; the schedules must agree across groups."""
+        groups = self.param_groups
+        for key in ("update_freq", "inv_freq"):
+            values = {g[key] for g in groups}
+            if len(values) > 1:
+                raise ValueError(f"Invalid param_groups: {key} differs between groups "
+                                 f"({sorted(values)}); SNOpt collects and inverts all layers together")
+        return {id(p): g for g in groups for p in g["params"]}
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One update; ``closure`` re-evaluates the model and returns the loss (optional)."""
@@ -279,7 +311,8 @@ class SNOpt(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        group = self.param_groups[0]
+        group_of = self._group_of()
+        sched = self.param_groups[0]  # update_freq / inv_freq: equal in every group
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         # 1. refuse a non-finite step before touching anything
         for p in params:
@@ -302,39 +335,47 @@ class SNOpt(torch.optim.Optimizer):
         first = any(f.A is None and f.n_new for f in self.factors.values())
         if self.collecting:
             self._reduce_new()
-            for fac in self.factors.values():
-                fac.fold(group["factor_decay"])
-        if first or self.steps % group["inv_freq"] == 0:
-            self._invert(group["damping"], group["inverse"])
+            for m in self.layers:
+                self.factors[id(m)].fold(group_of[id(m.weight)]["factor_decay"])
+        if first or self.steps % sched["inv_freq"] == 0:
+            self._invert(group_of)
         for m in self.layers:
             self._save_factors(m)
 
         # 3. directions: preconditioned for the layers, plain for the rest
-        wd = group["weight_decay"]
-        direction = {p: p.grad.add(p, alpha=wd) if wd else p.grad.clone() for p in params}
-        dot = 0.0
+        direction = {}
+        for p in params:
+            wd = group_of[id(p)]["weight_decay"]
+            direction[p] = p.grad.add(p, alpha=wd) if wd else p.grad.clone()
+        dots: dict[int, float] = {}  # <preconditioned, grad> per group, for its kl_clip
         for m in self.layers:
             gm = kfac.weight_matrix_grad(m)
             if gm is None or m.weight not in direction:
                 continue
+            group = group_of[id(m.weight)]
+            wd = group["weight_decay"]
             if wd:
                 gm = gm + wd * torch.cat([m.weight.reshape(m.weight.shape[0], -1)]
                                          + ([m.bias.reshape(-1, 1)] if m.bias is not None else []), dim=1)
             pre = self.factors[id(m)].precondition(gm)
-            dot += float((pre * gm).sum())
+            dots[id(group)] = dots.get(id(group), 0.0) + float((pre * gm).sum())
             for p, d in zip([m.weight] + ([m.bias] if m.bias is not None else []),
                             kfac.split_matrix(m, pre), strict=True):
                 direction[p] = d
-        lr = group["lr"]
-        if self.base == "sgd" and group["kl_clip"] is not None and dot > 0:
-            nu = min(1.0, math.sqrt(group["kl_clip"] / (lr * lr * dot)))
-            for p in direction:
-                direction[p].mul_(nu)
+        if self.base == "sgd":
+            for group in self.param_groups:
+                dot, lr = dots.get(id(group), 0.0), group["lr"]
+                if group["kl_clip"] is not None and dot > 0:
+                    nu = min(1.0, math.sqrt(group["kl_clip"] / (lr * lr * dot)))
+                    for p in group["params"]:
+                        if p in direction:
+                            direction[p].mul_(nu)
 
-        # 4. base rule
+        # 4. base rule, with each parameter's own group
         directional = 0.0
         for p, d in direction.items():
-            st = self.state[p]
+            st, group = self.state[p], group_of[id(p)]
+            lr = group["lr"]
             if self.base == "sgd":
                 if group["momentum"]:
                     buf = st.get("momentum_buffer")
@@ -357,29 +398,47 @@ class SNOpt(torch.optim.Optimizer):
             p.add_(delta)
         self.last_directional_derivative = directional
         self.steps += 1
-        self.collecting = self.steps % group["update_freq"] == 0
+        self.collecting = self.steps % sched["update_freq"] == 0
         return loss
 
     def _reduce_new(self) -> None:
-        """Average this collection's factors over the ranks of ``comm`` (one Allreduce)."""
+        """Combine this collection's factors over the ranks of ``comm`` (one Allreduce).
+
+        ``reduction="mean"``: the average over ranks (equal shards, local-mean losses).
+        ``reduction="sum"``: weighted by shard size, ``A = sum_r n_r A_r / n`` and
+        ``G = n sum_r G_r / n_r``, which are the factors of the whole batch.
+        """
         if self.comm is None or self.comm.Get_size() == 1:
             return
         from mpi4py import MPI
 
         facs = [self.factors[id(m)] for m in self.layers]
-        buf = torch.cat([torch.cat([f.A_new.reshape(-1), f.G_new.reshape(-1),
-                                    f.A_new.new_tensor([float(f.n_new)])]).double() for f in facs])
+        weighted = self.reduction == "sum"
+        parts = []
+        for f in facs:
+            n = float(f.samples_new)
+            wa = n if weighted else 1.0
+            wg = (1.0 / n if n else 0.0) if weighted else 1.0
+            parts.append(torch.cat([f.A_new.reshape(-1) * wa, f.G_new.reshape(-1) * wg,
+                                    f.A_new.new_tensor([float(f.n_new), n])]).double())
+        buf = torch.cat(parts)
         arr = buf.numpy()
         self.comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
         size, i = self.comm.Get_size(), 0
         for f in facs:
             na, ng = f.A_new.numel(), f.G_new.numel()
-            f.A_new.copy_(buf[i:i + na].view_as(f.A_new) / size)
-            f.G_new.copy_(buf[i + na:i + na + ng].view_as(f.G_new) / size)
+            n = float(buf[i + na + ng + 1])
+            if weighted:
+                sa, sg = (1.0 / n if n else 0.0), n
+            else:
+                sa = sg = 1.0 / size
+            f.A_new.copy_((buf[i:i + na] * sa).view_as(f.A_new))
+            f.G_new.copy_((buf[i + na:i + na + ng] * sg).view_as(f.G_new))
             f.n_new = int(buf[i + na + ng])
-            i += na + ng + 1
+            f.samples_new = int(n)
+            i += na + ng + 2
 
-    def _invert(self, damping: float, method: str) -> None:
+    def _invert(self, group_of: dict[int, dict[str, Any]]) -> None:
         """Invert every layer's factors; under ``comm`` each rank inverts its share and broadcasts."""
         size = 1 if self.comm is None else self.comm.Get_size()
         rank = 0 if self.comm is None else self.comm.Get_rank()
@@ -389,6 +448,8 @@ class SNOpt(torch.optim.Optimizer):
             fac = self.factors[id(m)]
             if fac.A is None:
                 continue
+            group = group_of[id(m.weight)]
+            damping, method = group["damping"], group["inverse"]
             if owner == rank:
                 fac.invert(damping, method, self._names.get(id(m), type(m).__name__))
             elif fac.inverse is None or set(fac.inverse) != _inverse_keys(method):

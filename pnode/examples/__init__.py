@@ -8,6 +8,7 @@
 ``rober``       Robertson's stiff kinetics: rate constants from noisy data, implicit method
 ``pde``         closure term of a method-of-lines viscous Burgers equation, IMEX method
 ``snopt``       the digits classifier trained by SNOpt (second-order, factors from the adjoint)
+``rmtr``        multilevel trust-region training of a forward-Euler ResNet on the digits
 =============== =====================================================================
 
 Use them from Python with :func:`run`::
@@ -27,13 +28,15 @@ from .cnf_tabular import CNFTabular
 from .dae import PendulumDAE
 from .digits import Digits
 from .pde import BurgersClosure
+from .rmtr import DigitsRMTR
 from .rober import RoberKinetics
-from .runner import CheckpointError, Example, ExampleError, Option, RunResult, run_example
+from .runner import CheckpointError, Example, ExampleError, NotParallelError, Option, RunResult, run_example
 from .snopt import DigitsSNOpt
 from .spiral import Spiral
 
 __all__ = ["EXAMPLES", "run", "Example", "Option", "RunResult", "ExampleError", "CheckpointError",
            "Spiral", "CNF2D", "CNFTabular", "Digits", "RoberKinetics", "BurgersClosure", "DigitsSNOpt"]
+__all__ += ["NotParallelError", "DigitsRMTR"]
 
 #: example name -> class, in the order ``pnode run --list`` shows them
 EXAMPLES: dict[str, type[Example]] = {
@@ -41,6 +44,7 @@ EXAMPLES: dict[str, type[Example]] = {
     for cls in (Spiral, CNF2D, CNFTabular, Digits, RoberKinetics, BurgersClosure, DigitsSNOpt)
 }
 EXAMPLES[PendulumDAE.name] = PendulumDAE  # pnode run dae (pnode/examples/dae.py)
+EXAMPLES[DigitsRMTR.name] = DigitsRMTR
 
 
 def run(name: str, argv: Sequence[str] = (), *, out_default: Path | None = None) -> RunResult:

@@ -38,6 +38,7 @@ class CNF2D(Example):
 
     name = "cnf2d"
     summary = "continuous normalizing flow (FFJORD-style, exact trace) on a 2-D density"
+    data_parallel = True
     options = (
         Option("iters", int, 2000, "training iterations", quick=300),
         Option("lr", float, 3e-3, "Adam learning rate", quick=5e-3),
@@ -62,16 +63,20 @@ class CNF2D(Example):
         self.train = toy_2d(c["dataset"], c["n_train"], generator=data_gen, dtype=self.dtype)
         self.test = toy_2d(c["dataset"], c["n_test"], generator=data_gen, dtype=self.dtype)
         self.model = CNF(2, (c["width"],) * c["depth"], T=c["T"], trace="exact",
-                         **odeint_options(c)).to(self.dtype)
+                         comm=self.solve_comm, **odeint_options(c)).to(self.dtype)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c["lr"])
 
     def train_step(self, iteration: int) -> float:
         idx = torch.randint(0, len(self.train), (self.config["batch"],), generator=self.generator)
-        loss = -self.model.log_prob(self.train[idx]).mean()
+        loss = -self.model.log_prob(self.train[self.shard(idx)]).sum() / len(idx)
         self.optimizer.zero_grad()
         loss.backward()
+        self.reduce_gradients()
         self.optimizer.step()
-        return loss.item()
+        return self.global_sum(loss.item())
+
+    def engine_reduced_parameters(self) -> list[torch.Tensor]:
+        return list(self.model.parameters())  # the flow's field is solved directly on comm=
 
     def evaluate(self) -> dict[str, float]:
         with torch.no_grad():

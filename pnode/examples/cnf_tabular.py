@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ..models.cnf import CNF
+from ..adjoint import odeint
+from ..models.cnf import CNF, standard_normal_logprob
 from .cnf2d import gaussian_baseline_loglik, odeint_options
 from .datasets import TABULAR, split, tabular
 from .plotting import pyplot, save
@@ -30,6 +31,7 @@ class CNFTabular(Example):
 
     name = "cnf-tabular"
     summary = "continuous normalizing flow (Hutchinson trace) on a standardized scikit-learn dataset"
+    data_parallel = True
     options = (
         Option("iters", int, 1500, "training iterations", quick=300),
         Option("lr", float, 3e-3, "Adam learning rate"),
@@ -59,17 +61,35 @@ class CNFTabular(Example):
         self.train, self.test = x[tr].to(self.dtype), x[te].to(self.dtype)
         self.dim = x.shape[1]
         self.model = CNF(self.dim, (c["width"],) * c["depth"], T=c["T"], trace="hutchinson",
-                         **odeint_options(c)).to(self.dtype)
+                         comm=self.solve_comm, **odeint_options(c)).to(self.dtype)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c["lr"])
 
     def train_step(self, iteration: int) -> float:
         b = min(self.config["batch"], len(self.train))
         idx = torch.randperm(len(self.train), generator=self.generator)[:b]
-        loss = -self.model.log_prob(self.train[idx], generator=self.generator).mean()
+        # the whole batch's Hutchinson noise, drawn as CNF.log_prob draws it; each rank keeps its rows
+        bits = torch.randint(0, 2, (b, self.dim), generator=self.generator)
+        x, noise = self.train[self.shard(idx)], self.shard(2 * bits - 1)
+        loss = -self._log_prob_hutchinson(x, noise).sum() / b
         self.optimizer.zero_grad()
         loss.backward()
+        self.reduce_gradients()
         self.optimizer.step()
-        return loss.item()
+        return self.global_sum(loss.item())
+
+    def _log_prob_hutchinson(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """``CNF.log_prob`` with given Rademacher noise (a shard of the batch's noise)."""
+        field = self.model.field
+        saved, field.trace, field.noise = field.trace, "hutchinson", noise.to(x.dtype)
+        try:
+            z, delta = odeint(field, (x, torch.zeros(x.shape[0], 1, dtype=x.dtype)),
+                              torch.tensor([0.0, self.model.T], dtype=x.dtype), **self.model.odeint_kwargs)
+        finally:
+            field.trace = saved
+        return standard_normal_logprob(z[-1]) - delta[-1, :, 0]
+
+    def engine_reduced_parameters(self) -> list[torch.Tensor]:
+        return list(self.model.parameters())  # the flow's field is solved directly on comm=
 
     def evaluate(self) -> dict[str, float]:
         with torch.no_grad():

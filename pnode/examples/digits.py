@@ -28,6 +28,7 @@ class Digits(Example):
 
     name = "digits"
     summary = "classification with an ODE block on scikit-learn's bundled 8x8 digits"
+    data_parallel = True
     options = (
         Option("iters", int, 2000, "training iterations", quick=300),
         Option("lr", float, 3e-3, "Adam learning rate"),
@@ -57,16 +58,18 @@ class Digits(Example):
         if c["steps"] > 0:
             kw["options"] = {"step_size": c["T"] / c["steps"]}
         self.model = ODEClassifier((1, 8, 8), 10, arch=c["arch"], width=c["width"], hidden=c["hidden"],
-                                   T=c["T"], **kw).to(self.dtype)
+                                   T=c["T"], comm=self.solve_comm, **kw).to(self.dtype)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c["lr"])
 
     def train_step(self, iteration: int) -> float:
         idx = torch.randperm(len(self.xtr), generator=self.generator)[: self.config["batch"]]
-        loss = F.cross_entropy(self.model(self.xtr[idx]), self.ytr[idx])
+        mine = self.shard(idx)  # the global batch is drawn on every rank; each keeps its part
+        loss = F.cross_entropy(self.model(self.xtr[mine]), self.ytr[mine], reduction="sum") / len(idx)
         self.optimizer.zero_grad()
         loss.backward()
+        self.reduce_gradients()
         self.optimizer.step()
-        return loss.item()
+        return self.global_sum(loss.item())
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -38,6 +38,8 @@ class RoberKinetics(Example):
 
     name = "rober"
     summary = "learn Robertson's stiff rate constants from noisy observations (implicit method)"
+    serial_reason = ("it fits one trajectory of three species with LBFGS: there is no batch to "
+                     "shard, and a 3-component state cannot be spread over ranks usefully")
     options = (
         Option("iters", int, 40, "training iterations", quick=12),
         Option("optimizer", str, "lbfgs", "LBFGS (strong Wolfe line search) or Adam, on log k",

@@ -10,7 +10,13 @@ draws its figures.  Everything else is done here, once for all examples:
 - checkpoints: model, optimizer, RNG states, iteration and loss history, written
   atomically (temporary file + :func:`os.replace`) and read back with
   ``torch.load(weights_only=True)``; ``--resume`` continues bit-for-bit;
-- a tqdm progress bar with the loss, ``metrics.json`` and a loss-vs-time figure.
+- a tqdm progress bar with the loss, ``metrics.json`` and a loss-vs-time figure;
+- MPI jobs (``mpirun -n N pnode run ...``): every rank trains on its shard of each
+  batch (:meth:`Example.shard`, ODE solves on ``comm=``, other gradients summed by
+  :class:`pnode.parallel.DataParallel`); rank 0 alone prints and writes files; every
+  rank stops at the same iteration (:mod:`pnode.examples.distributed`);
+- SIGINT / SIGTERM: the current iteration finishes, then the checkpoint is written,
+  so that ``--resume`` repeats the uninterrupted run bit for bit.
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ import torch
 from torch import nn
 
 from .._petsc import is_number, option_value
+from .distributed import RunComm, StopRequest
 
-__all__ = ["Example", "Option", "ExampleError", "CheckpointError", "RunResult", "run_example",
-           "build_parser", "CHECKPOINT_NAME", "METRICS_NAME"]
+__all__ = ["Example", "Option", "ExampleError", "CheckpointError", "NotParallelError", "RunResult",
+           "run_example", "build_parser", "CHECKPOINT_NAME", "METRICS_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
@@ -49,6 +56,16 @@ class ExampleError(Exception):
 
 class CheckpointError(ExampleError):
     """A checkpoint that cannot be used: unreadable, foreign, or from another configuration."""
+
+
+class NotParallelError(ExampleError):
+    """An example without data decomposition started on more than one MPI rank (exit status 2)."""
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,13 @@ class Example(ABC):
     before), and keep all randomness of training in :attr:`generator` so that a
     resumed run repeats an uninterrupted one exactly.
 
+    Data-parallel examples (:attr:`data_parallel` true) draw each batch from
+    :attr:`generator` exactly as a serial run does (the same generator on every rank),
+    keep :meth:`shard` of it, pass :attr:`solve_comm` as ``comm=`` to their solves,
+    divide sums by the global batch size, call :meth:`reduce_gradients` before the
+    optimizer step and return :meth:`global_sum` of their loss share.  With one rank
+    all of these are the identity, so the serial run is the same code.
+
     Parameters
     ----------
     config : dict
@@ -114,6 +138,10 @@ class Example(ABC):
     summary: ClassVar[str] = ""
     #: example-specific options, and overrides of common defaults (same name replaces)
     options: ClassVar[tuple[Option, ...]] = ()
+    #: whether the example trains data-parallel under ``mpirun -n N`` (N > 1)
+    data_parallel: ClassVar[bool] = False
+    #: why not, when :attr:`data_parallel` is false (shown to the user, who gets exit status 2)
+    serial_reason: ClassVar[str] = "it has no data decomposition"
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = dict(config)
@@ -121,6 +149,56 @@ class Example(ABC):
         self.generator = torch.Generator().manual_seed(int(config["seed"]) + 1)
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer
+        self.run_comm: RunComm = _ACTIVE_COMM[-1] if _ACTIVE_COMM else _SERIAL
+        self._serial_solves = False
+        self._data_parallel: Any = None
+
+    # -- data decomposition (identities on one rank) -----------------------------------
+    @property
+    def rank(self) -> int:
+        """This process's rank in the job (0 in a serial run)."""
+        return self.run_comm.rank
+
+    @property
+    def size(self) -> int:
+        """Number of ranks training together (1 in a serial run)."""
+        return self.run_comm.size
+
+    @property
+    def solve_comm(self) -> Any:
+        """``comm=`` for training solves: the job's communicator, ``None`` when serial.
+
+        ``None`` as well while the runner evaluates: evaluation and figures run
+        the whole held-out set on every rank without communication.
+        """
+        return None if self._serial_solves else self.run_comm.comm
+
+    def shard(self, data: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """This rank's contiguous part of ``data`` along ``dim`` (the first ranks get one more)."""
+        if self.run_comm.comm is None:
+            return data
+        from ..parallel import shard_slice
+
+        index = [slice(None)] * data.dim()
+        index[dim] = shard_slice(data.shape[dim], self.rank, self.size)
+        return data[tuple(index)]
+
+    def global_sum(self, value: float) -> float:
+        """Sum of ``value`` over ranks, identical on every rank (the serial value up to rounding)."""
+        return self.run_comm.sum(value)
+
+    def engine_reduced_parameters(self) -> list[torch.Tensor]:
+        """Parameters whose gradients the engine sums (those of direct ``odeint(..., comm=)``).
+
+        :class:`pnode.NeuralODE` blocks built with ``comm=self.solve_comm`` are found
+        automatically; override this for funcs passed to ``pnode.odeint`` directly.
+        """
+        return []
+
+    def reduce_gradients(self) -> None:
+        """Sum the gradients of parameters outside collective solves over ranks (no-op serially)."""
+        if self._data_parallel is not None:
+            self._data_parallel.reduce_gradients()
 
     @abstractmethod
     def train_step(self, iteration: int) -> float:
@@ -141,6 +219,12 @@ class Example(ABC):
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`extra_state` returned."""
         return None
+
+
+_SERIAL = RunComm.__new__(RunComm)
+_SERIAL.comm, _SERIAL.rank, _SERIAL.size = None, 0, 1
+# the RunComm of the run being set up (read by Example.__init__; a stack for nested runs)
+_ACTIVE_COMM: list[RunComm] = []
 
 
 @dataclass
@@ -223,6 +307,13 @@ def _resolve(cls: type[Example], ns: argparse.Namespace,
     for name in ("iters", "checkpoint_every", "threads"):
         if cfg[name] < (0 if name == "checkpoint_every" else 1):
             raise ExampleError(f"Invalid --{name.replace('_', '-')} {cfg[name]}: must be positive")
+    for name, o in _all_options(cls).items():
+        v = cfg[name]
+        if o.type is float and isinstance(v, float) and not math.isfinite(v):
+            # argparse's float() accepts "nan" and "inf"; no example option means either
+            raise ExampleError(f"Invalid --{name.replace('_', '-')} {v}: pass a finite number")
+    if isinstance(cfg.get("lr"), float) and not cfg["lr"] > 0:
+        raise ExampleError(f"Invalid --lr {cfg['lr']}: the learning rate must be positive")
     if saved is not None:
         changed = sorted(k for k in cfg if k not in _RESUMABLE_CHANGES and k in saved
                          and k != "quick" and cfg[k] != saved[k])
@@ -271,7 +362,7 @@ def load_checkpoint(path: Path, name: str) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged or unsafe file
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}. "
+            f"cannot read checkpoint {path}: {type(e).__name__}: {_first_line(e, 200)}. "
             "The file is damaged or not a pnode checkpoint; it was left as it is (start a new run "
             "in another --out, or use --overwrite to replace it)") from None
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
@@ -289,7 +380,18 @@ def load_checkpoint(path: Path, name: str) -> dict[str, Any]:
     return state
 
 
+def _check_writable(out: Path) -> None:
+    """Refuse an output folder (or the parent it would be created in) that cannot be written."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ExampleError(f"--out {out}: cannot write to {probe} (permission denied); "
+                           "choose another --out")
+
+
 def _prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
+    _check_writable(out)
     if resume:
         if not (out / CHECKPOINT_NAME).is_file():
             raise ExampleError(f"--resume: no {CHECKPOINT_NAME} in {out}; run without --resume first")
@@ -347,8 +449,12 @@ def _versions() -> dict[str, str]:
 # The run
 # ---------------------------------------------------------------------------------------
 def run_example(cls: type[Example], argv: Sequence[str] = (), *,
-                out_default: Path | None = None) -> RunResult:
+                out_default: Path | None = None, comm: Any = None) -> RunResult:
     """Parse ``argv`` for example ``cls``, train, evaluate and write the outputs.
+
+    Under ``mpirun -n N`` every rank calls this together: each trains on its shard
+    of every batch, rank 0 alone prints and writes the output folder, and every
+    rank returns the same :class:`RunResult`.
 
     Parameters
     ----------
@@ -358,6 +464,8 @@ def run_example(cls: type[Example], argv: Sequence[str] = (), *,
         Command-line arguments after the example name (example flags and PETSc options).
     out_default : Path, optional
         Output folder when ``--out`` is not given (default ``runs/<name>``).
+    comm : mpi4py communicator, optional
+        The ranks that train together (default ``MPI.COMM_WORLD``).
 
     Returns
     -------
@@ -368,13 +476,17 @@ def run_example(cls: type[Example], argv: Sequence[str] = (), *,
     ------
     ExampleError
         Bad options, a non-empty output folder without ``--overwrite``, a
-        checkpoint that cannot be used (:class:`CheckpointError`), or an MPI job
-        of more than one rank (data-parallel training is not available yet).  Nothing in the
-        output folder is changed in these cases.
+        checkpoint that cannot be used (:class:`CheckpointError`), an interrupt
+        (after writing the checkpoint), a failure on another rank, or
+        :class:`NotParallelError` for an example without data decomposition on more than
+        one rank.  Nothing in the output folder is changed in the first three cases.
     SystemExit
         From argparse, for an unknown flag (the message lists the valid ones).
     """
-    _check_serial()
+    rc = RunComm(comm)
+    if rc.size > 1 and not cls.data_parallel:
+        raise NotParallelError(f"example {cls.name!r} cannot train data-parallel: {cls.serial_reason}; "
+                               f"run it on one rank (this MPI job has {rc.size})")
     rest, petsc = split_petsc_options(list(argv))
     parser = build_parser(cls)
     ns, unknown = parser.parse_known_args(rest)
@@ -383,22 +495,16 @@ def run_example(cls: type[Example], argv: Sequence[str] = (), *,
         parser.error(f"unknown option(s) {' '.join(unknown)} for example {cls.name!r}; "
                      f"valid: {' '.join(valid)}")
     out = ns.out or out_default or Path("runs") / cls.name
-    _prepare_out(out, overwrite=ns.overwrite, resume=ns.resume)
-    saved = load_checkpoint(out / CHECKPOINT_NAME, cls.name) if ns.resume else None
+
+    def prepare() -> dict[str, Any] | None:
+        _prepare_out(out, overwrite=ns.overwrite, resume=ns.resume)
+        return load_checkpoint(out / CHECKPOINT_NAME, cls.name) if ns.resume else None
+
+    saved = rc.on_root(prepare)  # read once, sent to every rank: they resume identically
     cfg = _resolve(cls, ns, None if saved is None else saved["config"])
     cfg["progress"] = ns.progress
     with _petsc_options(petsc):
-        return _train(cls, cfg, out, saved, petsc)
-
-
-def _check_serial() -> None:
-    from petsc4py import PETSc
-
-    size = PETSc.COMM_WORLD.getSize()
-    if size > 1:
-        # Every rank would train the same replicated model and write the same files.
-        raise ExampleError(f"pnode run trains on one process, but this is an MPI job of {size} ranks; "
-                           "data-parallel training is not available yet: run it without mpiexec")
+        return _train(cls, cfg, out, saved, petsc, rc)
 
 
 class _petsc_options:
@@ -426,64 +532,152 @@ class _petsc_options:
                 db.setValue(k, v)
 
 
+class _serial_solves:
+    """Evaluation: every rank solves the whole held-out set alone (``comm=None`` everywhere)."""
+
+    def __init__(self, example: Example) -> None:
+        self.example, self.saved = example, []
+
+    def __enter__(self) -> None:
+        self.example._serial_solves = True
+        for m in self.example.model.modules():
+            kw = getattr(m, "odeint_kwargs", None)
+            if isinstance(kw, dict) and kw.get("comm") is not None:
+                self.saved.append((kw, kw["comm"]))
+                kw["comm"] = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.example._serial_solves = False
+        for kw, c in self.saved:
+            kw["comm"] = c
+        self.saved.clear()
+
+
+def _build(cls: type[Example], cfg: dict[str, Any], rc: RunComm) -> Example:
+    torch.manual_seed(int(cfg["seed"]))
+    _ACTIVE_COMM.append(rc)
+    try:
+        example = cls(cfg)
+    finally:
+        _ACTIVE_COMM.pop()
+    if rc.comm is not None:
+        from ..parallel import DataParallel
+
+        rng = torch.get_rng_state()  # DataParallel seeds torch; a serial run has no such call
+        example._data_parallel = DataParallel(example.model, rc.comm, seed=int(cfg["seed"]),
+                                              reduced=example.engine_reduced_parameters())
+        torch.set_rng_state(rng)
+    return example
+
+
+def _restore(example: Example, saved: Mapping[str, Any], out: Path) -> None:
+    try:
+        example.model.load_state_dict(saved["model"])
+        example.optimizer.load_state_dict(saved["optimizer"])
+        example.load_extra_state(saved.get("extra", {}))
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint in {out} does not fit this model: "
+                              f"{_first_line(e)}") from None
+    torch.set_rng_state(saved["rng"]["torch"])
+    example.generator.set_state(saved["rng"]["generator"])
+
+
+def _interrupted(cls: type[Example], it: int, ckpt: Path, out: Path, how: str) -> ExampleError:
+    return ExampleError(f"interrupted after iteration {it} ({how}); checkpoint written to {ckpt}, "
+                        f"continue with: pnode run {cls.name} --out {out} --resume")
+
+
 def _train(cls: type[Example], cfg: dict[str, Any], out: Path, saved: Mapping[str, Any] | None,
-           petsc: Mapping[str, str]) -> RunResult:
+           petsc: Mapping[str, str], rc: RunComm) -> RunResult:
     from tqdm.auto import tqdm
 
     torch.set_num_threads(int(cfg["threads"]))
-    torch.manual_seed(int(cfg["seed"]))
-    example = cls(cfg)
+    example = _build(cls, cfg, rc)
     history: dict[str, list] = {"loss": [], "time": []}
     start = 0
     if saved is not None:
-        try:
-            example.model.load_state_dict(saved["model"])
-            example.optimizer.load_state_dict(saved["optimizer"])
-            example.load_extra_state(saved.get("extra", {}))
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint in {out} does not fit this model: "
-                                  f"{str(e).splitlines()[0][:300]}") from None
-        torch.set_rng_state(saved["rng"]["torch"])
-        example.generator.set_state(saved["rng"]["generator"])
+        _restore(example, saved, out)
         history = {k: list(v) for k, v in saved["history"].items()}
         start = int(saved["iteration"])
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT_NAME
+
+    def checkpoint(iteration: int) -> None:
+        if rc.root:
+            out.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(ckpt, example, iteration, history)
+
     iters, every = int(cfg["iters"]), int(cfg["checkpoint_every"])
     t_offset = history["time"][-1] if history["time"] else 0.0
-    bar = tqdm(total=iters, initial=min(start, iters), desc=cls.name, disable=not cfg["progress"],
-               dynamic_ncols=True, leave=True)
+    bar = tqdm(total=iters, initial=min(start, iters), desc=cls.name,
+               disable=not (cfg["progress"] and rc.root), dynamic_ncols=True, leave=True)
     t0 = time.perf_counter()
     it = start
-    try:
-        while it < iters:
-            loss = float(example.train_step(it))
-            if not math.isfinite(loss):
-                raise ExampleError(f"the training loss is {loss} at iteration {it + 1}; "
-                                   "lower --lr or change the solver options")
-            it += 1
-            history["loss"].append(loss)
-            history["time"].append(t_offset + time.perf_counter() - t0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}")
-            if every and it % every == 0 and it < iters:
-                save_checkpoint(ckpt, example, it, history)
-    except KeyboardInterrupt:
-        save_checkpoint(ckpt, example, it, history)
-        bar.close()
-        raise ExampleError(f"interrupted after iteration {it}; checkpoint written to {ckpt}, "
-                           f"continue with: pnode run {cls.name} --out {out} --resume") from None
+    with StopRequest() as stop:
+        try:
+            while it < iters:
+                # a hard interrupt inside the iteration rolls the RNGs back: the checkpoint then
+                # holds exactly the state after iteration `it`, and --resume repeats the rest
+                rng = (torch.get_rng_state(), example.generator.get_state())
+                error: BaseException | None = None
+                try:
+                    loss = float(example.train_step(it))
+                    if not math.isfinite(loss):
+                        error = ExampleError(f"the training loss is {loss} at iteration {it + 1}; "
+                                             "lower --lr or change the solver options")
+                except KeyboardInterrupt:
+                    torch.set_rng_state(rng[0])
+                    example.generator.set_state(rng[1])
+                    raise
+                except Exception as e:  # agreed with the other ranks below, then re-raised
+                    if stop.count > 1:  # a second signal, turned into an error by a PETSc callback
+                        torch.set_rng_state(rng[0])
+                        example.generator.set_state(rng[1])
+                        raise KeyboardInterrupt from None
+                    error = e
+                halt, failure = rc.agree(stop.requested, error)
+                if failure is not None:
+                    if error is not None:
+                        raise error
+                    raise ExampleError(f"training stopped at iteration {it + 1} because it failed on "
+                                       f"{failure}")
+                it += 1
+                history["loss"].append(loss)
+                history["time"].append(t_offset + time.perf_counter() - t0)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4g}")
+                if halt:
+                    checkpoint(it)
+                    bar.close()
+                    raise _interrupted(cls, it, ckpt, out, stop.signal_name or "stop requested")
+                if every and it % every == 0 and it < iters:
+                    checkpoint(it)
+        except KeyboardInterrupt:
+            checkpoint(it)
+            bar.close()
+            raise _interrupted(cls, it, ckpt, out, stop.signal_name or "KeyboardInterrupt") from None
     bar.close()
     if it > start or not ckpt.exists() or saved is None:
-        save_checkpoint(ckpt, example, it, history)
+        checkpoint(it)
 
-    t_eval = time.perf_counter()
-    metrics = example.evaluate()
-    eval_seconds = time.perf_counter() - t_eval
-    figures = [_loss_figure(out, history, cls.name)] if history["loss"] else []
-    figures += example.figures(out)
+    def finish() -> dict[str, Any]:
+        return _finish(cls, example, cfg, out, history, it, start, petsc)
+
+    result = rc.on_root(finish)
+    return RunResult(out=out, metrics=result, losses=list(history["loss"]), resumed_from=start)
+
+
+def _finish(cls: type[Example], example: Example, cfg: Mapping[str, Any], out: Path,
+            history: Mapping[str, list], it: int, start: int, petsc: Mapping[str, str]) -> dict[str, Any]:
+    """Rank 0: evaluate (serial solves), draw the figures, write ``metrics.json``."""
     import pnode
 
+    with _serial_solves(example):
+        t_eval = time.perf_counter()
+        metrics = example.evaluate()
+        eval_seconds = time.perf_counter() - t_eval
+        out.mkdir(parents=True, exist_ok=True)
+        figures = [_loss_figure(out, history, cls.name)] if history["loss"] else []
+        figures += example.figures(out)
     stats = pnode.last_stats()
     result = {
         "example": cls.name,
@@ -495,6 +689,7 @@ def _train(cls: type[Example], cfg: dict[str, Any], out: Path, saved: Mapping[st
         "metrics": metrics,
         "config": {k: v for k, v in cfg.items() if k != "progress"},
         "petsc_options": dict(petsc),
+        "ranks": example.size,
         "last_solve": None if stats is None else {
             "method": stats.method, "steps": stats.steps, "rejected": stats.rejected,
             "rhs_evals": stats.rhs_evals, "vjps": stats.vjps,
@@ -504,4 +699,4 @@ def _train(cls: type[Example], cfg: dict[str, Any], out: Path, saved: Mapping[st
         "versions": _versions(),
     }
     _write_json(out / METRICS_NAME, result)
-    return RunResult(out=out, metrics=result, losses=list(history["loss"]), resumed_from=start)
+    return result

@@ -35,5 +35,7 @@ class DigitsSNOpt(Digits):
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         c = self.config
+        # under mpirun: factors combined by shard size, the engine having summed the gradients
         self.optimizer = SNOpt(self.model, lr=c["lr"], base=c["base"], damping=c["damping"],
-                               update_freq=c["update_freq"], inv_freq=c["update_freq"])
+                               update_freq=c["update_freq"], inv_freq=c["update_freq"],
+                               comm=self.run_comm.comm, reduction="sum")

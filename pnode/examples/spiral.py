@@ -50,6 +50,7 @@ class Spiral(Example):
 
     name = "spiral"
     summary = "fit a 2-D spiral ODE from samples of a noisy trajectory"
+    data_parallel = True
     options = (
         Option("iters", int, 1000, "training iterations", quick=300),
         Option("lr", float, 1e-2, "Adam learning rate"),
@@ -78,18 +79,24 @@ class Spiral(Example):
 
     def _solve(self, y0: torch.Tensor, n: int) -> torch.Tensor:
         t = torch.arange(n, dtype=self.dtype) * self.dt
-        return odeint(self.model, y0, t, method=self.config["method"], options={"step_size": self.dt})
+        return odeint(self.model, y0, t, method=self.config["method"], options={"step_size": self.dt},
+                      comm=self.solve_comm)
+
+    def engine_reduced_parameters(self) -> list[torch.Tensor]:
+        return list(self.model.parameters())  # the field is solved directly on comm=
 
     def train_step(self, iteration: int) -> float:
         c = self.config
         s = torch.randint(0, c["n_samples"] - c["segment"], (c["batch"],), generator=self.generator)
-        idx = s[None, :] + torch.arange(c["segment"])[:, None]  # [segment, batch]
-        pred = self._solve(self.obs[s], c["segment"])
-        loss = (pred - self.obs[idx]).abs().mean()
+        mine = self.shard(s)  # segments of this rank (all of them in a serial run)
+        idx = mine[None, :] + torch.arange(c["segment"])[:, None]  # [segment, local batch]
+        pred = self._solve(self.obs[mine], c["segment"])
+        loss = (pred - self.obs[idx]).abs().sum() / (c["segment"] * len(s) * self.obs.shape[1])
         self.optimizer.zero_grad()
         loss.backward()
+        self.reduce_gradients()
         self.optimizer.step()
-        return loss.item()
+        return self.global_sum(loss.item())
 
     def _rollout(self) -> torch.Tensor:
         with torch.no_grad():

@@ -89,6 +89,8 @@ class History:
     level : list of int
         Level acting as the finest one (``levels - 1`` except during an F-cycle's
         nested iteration, which starts at 0).
+    radii : list of list of float
+        Trust-region radius of every level (coarsest first) after the iteration.
     reason : str
         Why ``fit`` stopped.
     """
@@ -101,6 +103,7 @@ class History:
     time: list[float] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     level: list[int] = field(default_factory=list)
+    radii: list[list[float]] = field(default_factory=list)
     reason: str = ""
 
     def __len__(self) -> int:
@@ -120,7 +123,26 @@ class _State:
     x: torch.Tensor
     f: float
     g: torch.Tensor
-    out: torch.Tensor | None = None
+    correct: float = math.nan  # correctly classified samples of the batch (nan: not classification)
+    n: int = 0  # (global) number of samples the state was evaluated on
+
+
+@dataclass
+class _Run:
+    """Everything one training run carries from iteration to iteration (see :meth:`RMTR.start`)."""
+
+    X: torch.Tensor
+    y: torch.Tensor
+    N: int  # samples over all ranks
+    lo: int  # global index of this rank's first sample
+    classify: bool
+    sched: BatchSchedule
+    hist: History
+    x: torch.Tensor
+    st: _State | None = None
+    level_losses: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+    iteration: int = 0
 
 
 class _Level:
@@ -213,7 +235,8 @@ class RMTR:
     >>> history.loss[-1], history.accuracy[-1]
     """
 
-    def __init__(self, model: nn.Module, loss_fn, levels: int = 3, **options: Any) -> None:
+    def __init__(self, model: nn.Module, loss_fn, levels: int = 3, *, comm: Any = None,
+                 **options: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -248,7 +271,10 @@ class RMTR:
                                            restriction=o["restriction"],
                                            dtype=next(model.parameters()).dtype)
             lc.load(lc.transfer.restrict(parameters_to_vector(lf.params).detach()))
+        self._comm = comm if comm is not None and comm.Get_size() > 1 else None
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._batch_n = 0  # samples in the batch over all ranks
+        self._run: _Run | None = None
         self._batch_fraction = 1.0
         self._work = 0.0
         self._accepted = 0
@@ -301,29 +327,69 @@ class RMTR:
                              "positive int, or None for full batch")
 
     # -- objective ----------------------------------------------------------------------
-    def _objective(self, l: int, x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-        """``h_l(x)`` and its gradient on the current batch (``f_l`` plus the correction)."""
+    def _local(self, model: nn.Module, params: list[nn.Parameter] | None, X: torch.Tensor,
+               y: torch.Tensor) -> tuple[float, torch.Tensor | None, float, bool]:
+        """Loss, gradient (when ``params``), correct predictions and a non-finite flag on this batch."""
+        try:
+            with torch.enable_grad() if params is not None else torch.no_grad():
+                out = model(X)
+                loss = self.loss_fn(out, y)
+                if not bool(torch.isfinite(loss)):
+                    return math.nan, None, math.nan, True
+                grads = None if params is None else torch.autograd.grad(loss, params, allow_unused=True)
+        except SolverError:  # the forward Euler solve overflowed at this trial point
+            return math.nan, None, math.nan, True
+        g = None if grads is None else torch.cat(
+            [(torch.zeros_like(p) if gi is None else gi).reshape(-1) for p, gi in zip(params, grads,
+                                                                                         strict=True)])
+        correct = float((out.argmax(dim=1) == y).sum()) if not y.is_floating_point() and out.dim() == 2 \
+            else math.nan
+        return float(loss.detach()), g, correct, False
+
+    def _reduced(self, model: nn.Module, params: list[nn.Parameter] | None, X: torch.Tensor,
+                 y: torch.Tensor) -> tuple[float, torch.Tensor | None, float]:
+        """:meth:`_local` over every rank's part of the batch (one Allreduce under ``comm``).
+
+        ``loss_fn`` is a mean over samples, so the global loss and gradient are the
+        shard means weighted by shard size; a non-finite value on any rank is one
+        everywhere (every rank then rejects the same trial point).
+        """
+        n = X.shape[0]
+        if self._comm is None:
+            f, g, correct, bad = self._local(model, params, X, y)
+            if bad:
+                raise _NonFinite
+            return f, g, correct
+        from mpi4py import MPI
+
+        f, g, correct, bad = self._local(model, params, X, y) if n else (0.0, None, 0.0, False)
+        size = 0 if params is None else sum(p.numel() for p in params)
+        dtype = params[0].dtype if params else torch.float64
+        buf = torch.zeros(4 + size, dtype=torch.float64)
+        if not bad:
+            buf[0], buf[1], buf[2] = n * f, correct, 0.0
+            if g is not None:
+                buf[4:] = g.to(torch.float64) * n
+        buf[2], buf[3] = float(bad), float(n)
+        self._comm.Allreduce(MPI.IN_PLACE, buf.numpy(), op=MPI.SUM)
+        if buf[2] > 0 or not bool(torch.isfinite(buf[:2].nan_to_num(0.0)).all()):
+            raise _NonFinite
+        total = float(buf[3])
+        g_all = None if params is None else (buf[4:] / total).to(dtype)
+        return float(buf[0]) / total, g_all, float(buf[1])
+
+    def _objective(self, l: int, x: torch.Tensor) -> tuple[float, torch.Tensor, float]:
+        """``h_l(x)``, its gradient and the correct predictions on the current batch."""
         lvl = self.levels[l]
         assert self._batch is not None
         X, y = self._batch
         lvl.load(x)
         self._work += lvl.factor * self._batch_fraction
-        try:
-            with torch.enable_grad():
-                out = lvl.model(X)
-                loss = self.loss_fn(out, y)
-                if not bool(torch.isfinite(loss)):
-                    raise _NonFinite
-                grads = torch.autograd.grad(loss, lvl.params, allow_unused=True)
-        except SolverError as e:  # the forward Euler solve overflowed at this trial point
-            raise _NonFinite from e
-        g = torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1)
-                       for p, gi in zip(lvl.params, grads, strict=True)])
-        f = float(loss.detach())
+        f, g, correct = self._reduced(lvl.model, lvl.params, X, y)
         if lvl.v is not None:
             f += float(lvl.v @ (x - lvl.x0))
             g = g + lvl.v
-        return f, g, out.detach()
+        return f, g, correct
 
     def _solve(self, g: torch.Tensor, B: LSR1, radius: float) -> TRSolution:
         if self.options["subproblem"] == "cg":
@@ -358,15 +424,15 @@ class RMTR:
         """Evaluate ``x + s``, update L-SR1 and the radius, accept if the ratio allows."""
         lvl = self.levels[l]
         try:
-            f_t, g_t, out = self._objective(l, st.x + s)
+            f_t, g_t, correct = self._objective(l, st.x + s)
             rho = (st.f - f_t) / predicted
         except _NonFinite:
-            f_t, g_t, out, rho = math.inf, None, None, -math.inf
+            f_t, g_t, correct, rho = math.inf, None, math.nan, -math.inf
         if g_t is not None:
             lvl.sr1.update(s, g_t - st.g)
         self._update_radius(lvl, rho, float(s.norm()), r)
         if rho >= self.options["eta1"] and f_t < st.f:
-            st.x, st.f, st.g, st.out = st.x + s, f_t, g_t, out
+            st.x, st.f, st.g, st.correct = st.x + s, f_t, g_t, correct
             self._accepted += 1
             return True
         return False
@@ -403,7 +469,7 @@ class RMTR:
         except _NonFinite:
             return
         c.v, c.budget = gc - gfc0, budget
-        cst = _State(xc0, fc0, gc)
+        cst = _State(xc0, fc0, gc, n=st.n)
         self._cycle(l - 1, cst)
         predicted = fc0 - cst.f
         if not predicted > 0:
@@ -433,10 +499,13 @@ class RMTR:
             epochs: int | None = None, target_loss: float | None = None) -> History:
         """Train the model; stop at the first of the limits reached.
 
+        The same as :meth:`start`, :meth:`step` until a limit, then :meth:`finish`.
+
         Parameters
         ----------
         X, y : Tensor
-            Training inputs and targets (first axis: samples).
+            Training inputs and targets (first axis: samples); under ``comm``, this
+            rank's contiguous shard (ranks in order, as :func:`pnode.parallel.shard_slice`).
         max_seconds : float, optional
             Wall-time budget (training work only, monitoring excluded).
         epochs : int, optional
@@ -455,35 +524,94 @@ class RMTR:
         ValueError
             Empty or mismatched data, NaN/Inf in the data, a non-finite initial loss.
         """
-        o = self.options
-        if not isinstance(X, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise TypeError("X and y must be torch Tensors")
-        if X.shape[0] == 0:
-            raise ValueError("Invalid X: zero samples (an empty batch); pass at least one sample")
-        if X.shape[0] != y.shape[0]:
-            raise ValueError(f"Invalid data: X has {X.shape[0]} samples, y has {y.shape[0]}; pass "
-                             "matching first dimensions")
-        dtype = next(self.model.parameters()).dtype
-        if X.is_floating_point():
-            X = X.to(dtype)
-            if not bool(torch.isfinite(X).all()):
-                raise ValueError("Invalid X: contains NaN or Inf; clean or impute the data first")
-        if y.is_floating_point():
-            y = y.to(dtype)
-            if not bool(torch.isfinite(y).all()):
-                raise ValueError("Invalid y: contains NaN or Inf; clean or impute the targets first")
         for name, v in (("max_seconds", max_seconds), ("target_loss", target_loss)):
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
                 raise ValueError(f"Invalid {name} {v!r}: pass a finite number")
         if epochs is not None and not (isinstance(epochs, int) and epochs >= 1):
             raise ValueError(f"Invalid epochs {epochs!r}: pass a positive int")
+        self.start(X, y)
+        run = self._run
+        o = self.options
+        bar = tqdm(total=epochs, disable=not o["progress"], desc=f"RMTR L={self.n_levels}", unit="it")
+        try:
+            for _ in range(o["max_iterations"]):
+                if (max_seconds is not None and run.elapsed >= max_seconds) or (
+                        epochs is not None and run.sched.epoch >= epochs):
+                    run.hist.reason = "max_seconds" if max_seconds is not None and \
+                        run.elapsed >= max_seconds else "epochs"
+                    break
+                reason = self.step()
+                h = run.hist
+                bar.set_postfix(loss=f"{h.loss[-1]:.4g}", radius=f"{h.radius[-1]:.2g}",
+                                batch=h.batch_size[-1], level=h.level[-1])
+                bar.update(1)
+                if target_loss is not None and h.loss[-1] <= target_loss:
+                    run.hist.reason = "target_loss"
+                    break
+                if reason is not None:
+                    run.hist.reason = reason
+                    break
+            else:
+                run.hist.reason = "max_iterations"
+        finally:
+            bar.close()
+            hist = self.finish()
+        return hist
 
-        N = X.shape[0]
+    @property
+    def history(self) -> History:
+        """The :class:`History` of the run started by :meth:`start` (empty before)."""
+        return self._run.hist if self._run is not None else History()
+
+    @property
+    def epoch(self) -> int:
+        """Passes over the training set so far in the current run."""
+        return 0 if self._run is None else self._run.sched.epoch
+
+    def start(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        """Begin a run on ``X, y`` (validated); :meth:`step` then takes one iteration at a time.
+
+        Under ``comm`` every rank calls it with its shard; the batch schedule draws
+        global sample indices (the same generator on every rank) and each rank
+        evaluates the indices that fall into its shard.
+
+        Raises
+        ------
+        ValueError
+            Empty or mismatched data, NaN/Inf in the data.
+        """
+        o = self.options
+        if not isinstance(X, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError("X and y must be torch Tensors")
+        if X.shape[0] != y.shape[0]:
+            raise ValueError(f"Invalid data: X has {X.shape[0]} samples, y has {y.shape[0]}; pass "
+                             "matching first dimensions")
+        dtype = next(self.model.parameters()).dtype
+        problem = None
+        if X.shape[0] == 0:
+            problem = "Invalid X: zero samples (an empty batch); pass at least one sample"
+        elif X.is_floating_point() and not bool(torch.isfinite(X).all()):
+            problem = "Invalid X: contains NaN or Inf; clean or impute the data first"
+        elif y.is_floating_point() and not bool(torch.isfinite(y).all()):
+            problem = "Invalid y: contains NaN or Inf; clean or impute the targets first"
+        counts = [X.shape[0]]
+        if self._comm is not None:  # every rank learns every rank's verdict: all raise together
+            gathered = self._comm.allgather((X.shape[0], problem))
+            counts = [c for c, _ in gathered]
+            bad = [(r, m) for r, (_, m) in enumerate(gathered) if m is not None]
+            if bad:
+                problem = bad[0][1] + (f" (on rank {bad[0][0]})" if len(gathered) > 1 else "")
+        if problem is not None:
+            raise ValueError(problem)
+        if X.is_floating_point():
+            X = X.to(dtype)
+        if y.is_floating_point():
+            y = y.to(dtype)
+        rank = 0 if self._comm is None else self._comm.Get_rank()
+        N = int(sum(counts))
         gen = torch.Generator().manual_seed(int(o["seed"]))
         sched = BatchSchedule(N, o["batch_size"], growth=o["batch_growth"], stall_tol=o["stall_tol"],
                               generator=gen)
-        classify = not y.is_floating_point()
-        hist = History()
         fine = len(self.levels) - 1
         x = parameters_to_vector(self.levels[fine].params).detach().clone()
         # F-cycle: start on the coarsest level with the restricted parameters
@@ -491,87 +619,196 @@ class RMTR:
         for l in range(fine, self._top, -1):
             x = self.levels[l - 1].transfer.restrict(x)
         self.levels[self._top].v = None
-        level_losses: list[float] = []
-        st: _State | None = None
-        elapsed, self._work = 0.0, 0.0
-        bar = tqdm(total=epochs, disable=not o["progress"], desc=f"RMTR L={self.n_levels}", unit="it")
-        try:
-            for _ in range(o["max_iterations"]):
-                if (max_seconds is not None and elapsed >= max_seconds) or (
-                        epochs is not None and sched.epoch >= epochs):
-                    hist.reason = "max_seconds" if max_seconds is not None and elapsed >= max_seconds \
-                        else "epochs"
-                    break
-                t0 = time.perf_counter()
-                top = self._top
-                idx = sched.next()
-                full = idx is None
-                self._batch = (X, y) if full else (X[idx], y[idx])
-                self._batch_fraction = self._batch[0].shape[0] / N
-                if st is None or not full or st.out is None or st.out.shape[0] != N:
-                    # new batch (or level): the objective changed, re-evaluate at the current point
-                    try:
-                        f, g, out = self._objective(top, x)
-                    except _NonFinite:
-                        raise ValueError(
-                            "Invalid loss: non-finite loss at the current parameters; check the data "
-                            "scaling and loss_fn, or lower the initial radius / T") from None
-                    st = _State(x, f, g, out)
-                self._accepted = 0
-                self._cycle(top, st)
-                x = st.x
-                sched.record(st.f)
-                level_losses.append(st.f)
-                w = o["nested_window"]
-                stalled = len(level_losses) > w and (
-                    level_losses[-w - 1] - level_losses[-1] < o["nested_tol"] * abs(level_losses[-w - 1]))
-                if top < fine and (stalled or len(level_losses) > o["nested_max"]):
-                    # nested iteration: prolongate to the next finer level and continue there
-                    x = self.levels[top].transfer.prolong(x)
-                    self._top = top + 1
-                    self.levels[self._top].v = None
-                    level_losses, st = [], None
-                elapsed += time.perf_counter() - t0
+        self._work = 0.0
+        self._run = _Run(X=X, y=y, N=N, lo=int(sum(counts[:rank])), classify=not y.is_floating_point(),
+                         sched=sched, hist=History(), x=x)
 
-                if full and top == fine:
-                    loss, out = st.f, st.out
-                else:  # monitoring the finest network only: not timed, not counted as work
-                    xf = x
-                    for l in range(self._top, fine):
-                        xf = self.levels[l].transfer.prolong(xf)
-                    self.levels[fine].load(xf)
-                    with torch.no_grad():
-                        out = self.model(X)
-                        loss = float(self.loss_fn(out, y))
-                acc = float((out.argmax(dim=1) == y).double().mean()) if classify and out.dim() == 2 \
-                    else math.nan
-                hist.loss.append(loss)
-                hist.accuracy.append(acc)
-                hist.radius.append(self.levels[self._top].radius)
-                hist.batch_size.append(self._batch[0].shape[0])
-                hist.work.append(self._work)
-                hist.time.append(elapsed)
-                hist.accepted.append(self._accepted)
-                hist.level.append(top)
-                bar.set_postfix(loss=f"{loss:.4g}", radius=f"{self.levels[self._top].radius:.2g}",
-                                batch=self._batch[0].shape[0], level=top)
-                bar.update(1)
-                if target_loss is not None and loss <= target_loss:
-                    hist.reason = "target_loss"
-                    break
-                if self.levels[self._top].radius < o["min_radius"]:
-                    hist.reason = "min_radius"
-                    break
-                if full and st is not None and self._top == fine and float(st.g.norm()) <= o["gtol"]:
-                    hist.reason = "gtol"
-                    break
+    def _select(self, idx: torch.Tensor | None) -> None:
+        """Make the batch of global indices ``idx`` (None: everything) current on this rank."""
+        run = self._run
+        if idx is None:
+            self._batch, self._batch_n = (run.X, run.y), run.N
+        else:
+            if self._comm is not None:  # this rank's members of the global batch, in batch order
+                mine = (idx >= run.lo) & (idx < run.lo + run.X.shape[0])
+                local = idx[mine] - run.lo
             else:
-                hist.reason = "max_iterations"
-        finally:
-            bar.close()
+                local = idx
+            self._batch, self._batch_n = (run.X[local], run.y[local]), int(idx.numel())
+        self._batch_fraction = self._batch_n / run.N
+
+    def step(self) -> str | None:
+        """One RMTR iteration (a V-cycle on the current level) and its :attr:`history` entry.
+
+        Returns
+        -------
+        str or None
+            ``"min_radius"`` or ``"gtol"`` when the method has converged or cannot
+            progress, else ``None``.
+
+        Raises
+        ------
+        ValueError
+            A non-finite loss at the current parameters.
+        """
+        if self._run is None:
+            raise RuntimeError("RMTR.step() before start(X, y)")
+        o, run = self.options, self._run
+        fine = len(self.levels) - 1
+        t0 = time.perf_counter()
+        top = self._top
+        idx = run.sched.next()
+        full = idx is None
+        self._select(idx)
+        N, x, st = run.N, run.x, run.st
+        if st is None or not full or st.n != N:
+            # new batch (or level): the objective changed, re-evaluate at the current point
+            try:
+                f, g, correct = self._objective(top, x)
+            except _NonFinite:
+                raise ValueError(
+                    "Invalid loss: non-finite loss at the current parameters; check the data "
+                    "scaling and loss_fn, or lower the initial radius / T") from None
+            st = _State(x, f, g, correct, self._batch_n)
+        self._accepted = 0
+        self._cycle(top, st)
+        x = st.x
+        run.sched.record(st.f)
+        run.level_losses.append(st.f)
+        w = o["nested_window"]
+        ll = run.level_losses
+        stalled = len(ll) > w and (ll[-w - 1] - ll[-1] < o["nested_tol"] * abs(ll[-w - 1]))
+        if top < fine and (stalled or len(ll) > o["nested_max"]):
+            # nested iteration: prolongate to the next finer level and continue there
+            x = self.levels[top].transfer.prolong(x)
+            self._top = top + 1
+            self.levels[self._top].v = None
+            run.level_losses, st = [], None
+        run.elapsed += time.perf_counter() - t0
+        run.x, run.st = x, st
+
+        if full and top == fine:
+            loss, correct = st.f, st.correct
+        else:  # monitoring the finest network only: not timed, not counted as work
+            xf = x
             for l in range(self._top, fine):
-                x = self.levels[l].transfer.prolong(x)
-            self.levels[fine].load(x)
-            self._top = fine
-            self._batch = None
-        return hist
+                xf = self.levels[l].transfer.prolong(xf)
+            self.levels[fine].load(xf)
+            self._batch = (run.X, run.y)
+            try:
+                loss, _, correct = self._reduced(self.model, None, run.X, run.y)
+            except _NonFinite:
+                loss, correct = math.nan, math.nan
+        acc = correct / N if run.classify else math.nan
+        h = run.hist
+        h.loss.append(loss)
+        h.accuracy.append(acc)
+        h.radius.append(self.levels[self._top].radius)
+        h.radii.append([lvl.radius for lvl in self.levels])
+        h.batch_size.append(self._batch_n)
+        h.work.append(self._work)
+        h.time.append(run.elapsed)
+        h.accepted.append(self._accepted)
+        h.level.append(top)
+        run.iteration += 1
+        if self.levels[self._top].radius < o["min_radius"]:
+            return "min_radius"
+        if full and st is not None and self._top == fine and float(st.g.norm()) <= o["gtol"]:
+            return "gtol"
+        return None
+
+    def finish(self) -> History:
+        """End the run: load the finest network with the current parameters; return the history.
+
+        Calling it again (or :meth:`step` after it) is an error-free no-op only for
+        ``finish``; a finished run can be continued by :meth:`load_state_dict` of a
+        state saved before.
+        """
+        run = self._run
+        if run is None:
+            return History()
+        fine = len(self.levels) - 1
+        x = run.x
+        for l in range(self._top, fine):
+            x = self.levels[l].transfer.prolong(x)
+        self.levels[fine].load(x)
+        run.x, run.st = x, None if self._top != fine else run.st
+        self._top = fine
+        self._batch = None
+        self._run = None
+        return run.hist
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue a run exactly: levels, radii, L-SR1 memories, schedule, RNG.
+
+        Only tensors and primitive containers (loadable with ``torch.load(weights_only=True)``).
+        Taken between iterations (after :meth:`start` or any :meth:`step`), it lets
+        :meth:`load_state_dict` continue the run bit for bit; outside a run it holds the
+        levels only.
+        """
+        levels = []
+        for lvl in self.levels:
+            levels.append({
+                "params": parameters_to_vector(lvl.params).detach().clone(),
+                "radius": lvl.radius, "budget": lvl.budget,
+                "v": lvl.v, "x0": lvl.x0, "sr1": lvl.sr1.state_dict()})
+        state: dict[str, Any] = {"format": "pnode-rmtr", "version": 1, "n_levels": self.n_levels,
+                                 "top": self._top, "work": self._work, "accepted": self._accepted,
+                                 "levels": levels, "run": None}
+        run = self._run
+        if run is not None:
+            st = run.st
+            state["run"] = {
+                "N": run.N, "x": run.x, "elapsed": run.elapsed, "iteration": run.iteration,
+                "level_losses": list(run.level_losses), "sched": run.sched.state_dict(),
+                "hist": {k: (list(v) if isinstance(v, list) else v) for k, v in vars(run.hist).items()},
+                "st": None if st is None else {"x": st.x, "f": st.f, "g": st.g, "correct": st.correct,
+                                               "n": st.n}}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a saved run continues in the run begun by :meth:`start`.
+
+        Raises
+        ------
+        ValueError
+            A state of another configuration (levels, sizes, training-set size), or a
+            saved run without a started one.
+        """
+        if not isinstance(state, dict) or state.get("format") != "pnode-rmtr":
+            raise ValueError("Invalid state: not an RMTR state_dict")
+        if state["n_levels"] != self.n_levels or len(state["levels"]) != len(self.levels):
+            raise ValueError(f"Invalid state: {state['n_levels']} levels, this RMTR has {self.n_levels}")
+        for lvl, ls in zip(self.levels, state["levels"], strict=True):
+            n = sum(p.numel() for p in lvl.params)
+            if ls["params"].numel() != n:
+                raise ValueError(f"Invalid state: a level with {ls['params'].numel()} parameters, "
+                                 f"this one has {n}")
+        saved_run = state.get("run")
+        if saved_run is not None:
+            if self._run is None:
+                raise ValueError("Invalid use: the state holds a run in progress; call start(X, y) "
+                                 "with the same data first")
+            if saved_run["N"] != self._run.N:
+                raise ValueError(f"Invalid state: a run on {saved_run['N']} samples, the started one "
+                                 f"has {self._run.N}")
+        for lvl, ls in zip(self.levels, state["levels"], strict=True):
+            lvl.load(ls["params"].to(lvl.params[0].dtype))
+            lvl.radius, lvl.budget = float(ls["radius"]), float(ls["budget"])
+            lvl.v, lvl.x0 = ls["v"], ls["x0"]
+            lvl.sr1.load_state_dict(ls["sr1"])
+        self._top, self._work = int(state["top"]), float(state["work"])
+        self._accepted = int(state["accepted"])
+        if saved_run is None:
+            return
+        run = self._run
+        run.x, run.elapsed = saved_run["x"], float(saved_run["elapsed"])
+        run.iteration = int(saved_run["iteration"])
+        run.level_losses = list(saved_run["level_losses"])
+        run.sched.load_state_dict(saved_run["sched"])
+        run.hist = History(**{k: (list(v) if isinstance(v, list) else v)
+                              for k, v in saved_run["hist"].items()})
+        st = saved_run["st"]
+        run.st = None if st is None else _State(st["x"], float(st["f"]), st["g"], float(st["correct"]),
+                                                int(st["n"]))

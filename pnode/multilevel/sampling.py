@@ -71,6 +71,25 @@ class BatchSchedule:
         """Whether batches are the whole training set."""
         return self.batch_size >= self.n
 
+    def state_dict(self) -> dict:
+        """Batch size, epoch, position in the shuffle, stall statistics and the generator state."""
+        return {"n": self.n, "batch_size": self.batch_size, "epoch": self.epoch, "perm": self._perm,
+                "pos": self._pos, "losses": list(self._losses), "previous": self._previous,
+                "generator": None if self.gen is None else self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`: the next batches are those the saved schedule would draw."""
+        if int(state["n"]) != self.n:
+            raise ValueError(f"Invalid state: a schedule over {state['n']} samples, this one has {self.n}")
+        self.batch_size, self.epoch = int(state["batch_size"]), int(state["epoch"])
+        self._perm, self._pos = state["perm"].clone(), int(state["pos"])
+        self._losses = [float(v) for v in state["losses"]]
+        self._previous = None if state["previous"] is None else float(state["previous"])
+        if state["generator"] is not None:
+            if self.gen is None:
+                self.gen = torch.Generator()
+            self.gen.set_state(state["generator"])
+
     def next(self) -> torch.Tensor | None:
         """Indices of the next batch, or ``None`` for the full set (deterministic mode)."""
         if self.deterministic:

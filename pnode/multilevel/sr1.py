@@ -77,6 +77,21 @@ class LSR1:
         self.pairs.clear()
         self.U = self.c = None
 
+    def state_dict(self) -> dict:
+        """Pairs, scaling and compact form (tensors and primitives), for exact resumption."""
+        return {"memory": self.memory, "gamma": self.gamma, "skipped": self.skipped, "n": self.n,
+                "pairs": [[s, y] for s, y in self.pairs], "U": self.U, "c": self.c}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (the compact form is taken as saved, not rebuilt)."""
+        if int(state["memory"]) != self.memory:
+            raise ValueError(f"Invalid state: L-SR1 memory {state['memory']}, this one has {self.memory}")
+        self.gamma, self.skipped, self.n = float(state["gamma"]), int(state["skipped"]), state["n"]
+        self.pairs = deque(((s, y) for s, y in state["pairs"]), maxlen=self.memory)
+        self.U, self.c = state["U"], state["c"]
+        if self.pairs:
+            self.dtype = self.pairs[0][0].dtype
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``B v``."""
         out = self.gamma * v

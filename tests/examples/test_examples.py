@@ -18,6 +18,7 @@ EXPECTED = {
     "pde": ("test_rel_l2_error", ["solution.png"]),
     "snopt": ("test_accuracy", ["predictions.png"]),
     "dae": ("position_rmse_vs_clean", ["trajectories.png", "constraint.png"]),
+    "rmtr": ("test_accuracy", ["rmtr.png"]),
 }
 
 
