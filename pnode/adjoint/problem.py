@@ -167,22 +167,64 @@ class ParamGradient:
         """Add ``weight * grads`` (per-parameter gradients, ``None``: unused)."""
         if weight is None:
             raise AssertionError("internal: an RK adjoint stage whose weight is unknown")
-        acc = self._acc
-        if not acc:
-            acc.extend(torch.zeros(p.numel(), dtype=torch.float64) for p in params)
-        for a, g in zip(acc, grads, strict=True):
-            if g is not None:
-                g = g.reshape(-1)
-                a.add_((g if g.dtype == torch.float64 else g.to(torch.float64)) * weight)
+        if not self._acc:
+            self._acc = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+        acc, used = self._acc, grads
+        if any(g is None or g.dtype != torch.float64 for g in grads):
+            pairs = [(a, g.to(torch.float64)) for a, g in zip(acc, grads, strict=True) if g is not None]
+            acc, used = [a for a, _ in pairs], [g for _, g in pairs]
+        if acc:
+            # two rounding steps, as PETSc's VecScale then VecAXPY(1): bit for bit the same
+            torch._foreach_add_(acc, torch._foreach_mul(used, weight))
 
     def value(self, n_params: int) -> torch.Tensor:
         """The accumulated gradient, flat float64 (zeros if nothing was added)."""
         if not self._acc:
             return torch.zeros(n_params, dtype=torch.float64)
-        return torch.cat(self._acc) if len(self._acc) > 1 else self._acc[0].clone()
+        return torch.cat([a.reshape(-1) for a in self._acc])
+
+class _CallbackErrors:
+    """Exceptions raised inside PETSc callbacks: remembered for the solver to re-raise.
+
+    Collective (MPI) solves: a failing callback must not raise into PETSc while the
+    other ranks wait in a collective; it records the error and returns NaN instead.
+    """
+
+    error: BaseException | None = None  # first exception raised inside a callback
+    error_t: float | None = None
+    collective: bool = False
+
+    def skip(self, out: PETSc.Vec | None) -> bool:
+        """Whether a callback must not run: a collective solve after a failure on this rank.
+
+        ``out`` is then filled with NaN (so is every later output) and the solver's
+        agreement step after the solve raises on every rank.
+        """
+        if self.collective and self.error is not None:
+            if out is not None:
+                out.set(float("nan"))
+            return True
+        return False
+
+    def failed(self, exc: BaseException, t: float, out: PETSc.Vec | None) -> None:
+        """Handle an exception of a callback body (call from its ``except`` clause).
+
+        The first exception is remembered for the solver to re-raise; a serial solve
+        re-raises it into PETSc at once, a collective one fills ``out`` with NaN.
+        """
+        if self.error is None:
+            self.error, self.error_t = exc, t
+        if not self.collective:
+            raise exc
+        if out is not None:
+            out.set(float("nan"))
+
+    def reset_error(self) -> None:
+        self.error = None
+        self.error_t = None
 
 
-class TorchProblem:
+class TorchProblem(_CallbackErrors):
     """Callbacks binding a torch ``func(t, y)`` to a PETSc TS.
 
     Parameters
@@ -230,11 +272,7 @@ class TorchProblem:
         self.stage_weight: Callable[[float, float, float], float | None] | None = None
         self.graphs: GraphStore | None = None  # checkpoint="graph": the forward's graphs
         self._entry_bytes: int | None = None  # memory one kept evaluation holds
-        self.error: BaseException | None = None  # first exception raised inside a callback
-        self.error_t: float | None = None
-        # Collective (MPI) solves: a failing callback must not raise into PETSc while the
-        # other ranks wait in a collective; it records the error and returns NaN instead.
-        self.collective = False
+        self.error, self.error_t, self.collective = None, None, False  # see _CallbackErrors
         self._ijac_shift = 0.0
         self.shells: dict[str, list[ShellContext]] = {}
         # mass matrix of M y' = f (pnode.adjoint.dae.Mass; None: the identity), bound per call
@@ -278,36 +316,6 @@ class TorchProblem:
         if not _all_finite(flat):
             raise FloatingPointError(f"{part.name} returned NaN or Inf at t={t:.6g}")
         return flat
-
-    # -- errors inside callbacks --------------------------------------------------------
-    def skip(self, out: PETSc.Vec | None) -> bool:
-        """Whether a callback must not run: a collective solve after a failure on this rank.
-
-        ``out`` is then filled with NaN (so is every later output) and the solver's
-        agreement step after the solve raises on every rank.
-        """
-        if self.collective and self.error is not None:
-            if out is not None:
-                out.set(float("nan"))
-            return True
-        return False
-
-    def failed(self, exc: BaseException, t: float, out: PETSc.Vec | None) -> None:
-        """Handle an exception of a callback body (call from its ``except`` clause).
-
-        The first exception is remembered for the solver to re-raise; a serial solve
-        re-raises it into PETSc at once, a collective one fills ``out`` with NaN.
-        """
-        if self.error is None:
-            self.error, self.error_t = exc, t
-        if not self.collective:
-            raise exc
-        if out is not None:
-            out.set(float("nan"))
-
-    def reset_error(self) -> None:
-        self.error = None
-        self.error_t = None
 
     # -- call lifetime --------------------------------------------------------------------
     def keep_graphs(self, on: bool, memory_mib: float | None = None) -> None:
