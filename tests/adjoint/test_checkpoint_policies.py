@@ -172,10 +172,10 @@ def test_disk_files_removed_when_the_adjoint_fails(tmp_path):
 def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
     import errno
 
-    from pnode.adjoint import solver as solver_mod
+    from pnode.adjoint import store as store_mod
 
     writes = []
-    real = solver_mod._write_state
+    real = store_mod._write_state
 
     def write(path, x):
         if len(writes) >= 2:
@@ -183,7 +183,7 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
         writes.append(path)
         real(path, x)
 
-    monkeypatch.setattr(solver_mod, "_write_state", write)
+    monkeypatch.setattr(store_mod, "_write_state", write)
     func = TimeMLP().double()
     y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     ys = pnode.odeint(func, y0, T, method="rk4", options={"step_size": 0.05},
