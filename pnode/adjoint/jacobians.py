@@ -12,21 +12,55 @@ import numpy as np
 import torch
 from petsc4py import PETSc
 
-__all__ = ["dense_jacobian", "block_jacobian", "fill_dense", "fill_blocks"]
+__all__ = ["dense_jacobian", "block_jacobian", "engine_grad", "fill_dense", "fill_blocks"]
+
+
+def engine_grad(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], v: torch.Tensor,
+                retain: bool) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad(out, inputs, v, retain_graph=retain, allow_unused=True)``.
+
+    Calls the autograd engine directly: the public wrapper re-validates shapes and
+    dtypes on every call, which costs about 30 us, as much as the backward pass of a
+    small network, on a path taken once per stage.  Shapes and dtypes are checked
+    by the engine (``out`` is flat and ``v`` has its shape and dtype).
+    """
+    return _ENGINE.run_backward((out,), (v,), retain, False, inputs, True, False)
+
+
+def _public_grad(out, inputs, v, retain):
+    return torch.autograd.grad(out, inputs, v, retain_graph=retain, allow_unused=True)
+
+
+_ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
+if _ENGINE is None or not hasattr(_ENGINE, "run_backward"):  # a torch without it
+    engine_grad = _public_grad  # noqa: F811
+
+
+#: up to this many rows, one backward pass per row beats a batched (vmapped) backward,
+#: whose set-up costs about as much as 30 small backward passes
+ROW_LOOP_MAX = 24
 
 
 def dense_jacobian(xr: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """df/dx of the graph ``out = f(xr)``, by one batched backward pass over the identity.
+    """df/dx of the graph ``out = f(xr)``, by backward passes over the identity.
 
-    The graph is retained, so the parameter products PETSc asks for next at the
-    same stage reuse it.
+    One pass per row for small systems, else one batched pass.  The graph is
+    retained, so the parameter products PETSc asks for next at the same stage
+    reuse it.
     """
     eye = torch.eye(out.numel(), dtype=out.dtype)
+    if out.numel() <= ROW_LOOP_MAX:
+        return torch.stack([_row(out, xr, e) for e in eye]).to(torch.float64)
     try:
         (jac,) = torch.autograd.grad(out, xr, eye, retain_graph=True, is_grads_batched=True)
     except RuntimeError:  # an op without a batching rule: one vjp per row
         jac = torch.stack([torch.autograd.grad(out, xr, e, retain_graph=True)[0] for e in eye])
     return jac.to(torch.float64)
+
+
+def _row(out: torch.Tensor, xr: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    (g,) = engine_grad(out, (xr,), e, True)
+    return torch.zeros_like(xr) if g is None else g
 
 
 def block_jacobian(xr: torch.Tensor, out: torch.Tensor, batch: int, check: bool) -> torch.Tensor:

@@ -25,6 +25,7 @@ from petsc4py import PETSc
 
 from . import jacobians, observers
 from .graphs import GraphStore, graph_bytes
+from .jacobians import engine_grad as _engine_grad
 from .shells import ShellContext
 from .state import StateSpec
 
@@ -40,25 +41,32 @@ class VecViews:
     """Torch views of PETSc Vecs, made once per Vec and reused by every later callback.
 
     A host Vec's array does not move (PETSc's TS, SNES and KSP work vectors are
-    never given other arrays), so one DLPack view serves for the Vec's life; the
-    view holds a reference to the Vec, so its handle cannot be reused by another
-    Vec while the view is cached.  Writes through a view bump the Vec's PETSc
+    never given other arrays), so one DLPack view serves for the Vec's life; a
+    DLPack view holds a PETSc reference to its Vec, so the handle cannot be reused by
+    another Vec while the view is cached.  Writes through a view bump the Vec's PETSc
     state (:meth:`write`), as a write access would: PETSc keys cached norms and
-    reuse checks on it.  :meth:`clear` drops the views and references.
+    reuse checks on it.  :meth:`clear` drops the views and references (the solver does,
+    before destroying its PETSc objects: a collective Vec may only be destroyed
+    collectively, not whenever the garbage collector frees a view).  A Vec PETSc
+    gives up stays referenced until then; a bounded cache keeps that from growing.
     """
+
+    MAX_VIEWS = 256
 
     __slots__ = ("_by_handle",)
 
     def __init__(self) -> None:
-        self._by_handle: dict[int, tuple[PETSc.Vec, torch.Tensor]] = {}
+        self._by_handle: dict[int, torch.Tensor] = {}
 
     def read(self, vec: PETSc.Vec) -> torch.Tensor:
         """The view of ``vec`` (not to be written)."""
         hit = self._by_handle.get(vec.handle)
         if hit is None:
+            if len(self._by_handle) >= self.MAX_VIEWS:
+                self._by_handle.clear()
             # read access: Vecs PETSc passes as inputs are locked against write access
-            hit = self._by_handle[vec.handle] = (vec, torch.from_dlpack(vec.toDLPack("r")))
-        return hit[1]
+            hit = self._by_handle[vec.handle] = torch.from_dlpack(vec.toDLPack("r"))
+        return hit
 
     def write(self, vec: PETSc.Vec) -> torch.Tensor:
         """The view of ``vec``, for writing its whole contents."""
@@ -84,27 +92,6 @@ class Counters:
 def _vec_key(vec: PETSc.Vec) -> tuple[int, int]:
     """Identity of a Vec's current contents: PETSc bumps the state on every write access."""
     return vec.handle, vec.stateGet()
-
-
-def _engine_grad(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], v: torch.Tensor,
-                 retain: bool) -> tuple[torch.Tensor | None, ...]:
-    """``torch.autograd.grad(out, inputs, v, retain_graph=retain, allow_unused=True)``.
-
-    Calls the autograd engine directly: the public wrapper re-validates shapes and
-    dtypes on every call, which costs about 30 us, as much as the backward pass of a
-    small network, on a path taken once per stage.  Shapes and dtypes are checked
-    by the engine (``out`` is flat and ``v`` has its shape and dtype).
-    """
-    return _ENGINE.run_backward((out,), (v,), retain, False, inputs, True, False)
-
-
-def _public_grad(out, inputs, v, retain):
-    return torch.autograd.grad(out, inputs, v, retain_graph=retain, allow_unused=True)
-
-
-_ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
-if _ENGINE is None or not hasattr(_ENGINE, "run_backward"):  # a torch without it
-    _engine_grad = _public_grad  # noqa: F811
 
 
 def _all_finite(flat: torch.Tensor) -> bool:
@@ -176,6 +163,10 @@ class ParamGradient:
         if acc:
             # two rounding steps, as PETSc's VecScale then VecAXPY(1): bit for bit the same
             torch._foreach_add_(acc, torch._foreach_mul(used, weight))
+
+    def finite(self) -> bool:
+        """Whether every accumulated entry is finite."""
+        return all(math.isfinite(float(a.sum())) or bool(torch.isfinite(a).all()) for a in self._acc)
 
     def value(self, n_params: int) -> torch.Tensor:
         """The accumulated gradient, flat float64 (zeros if nothing was added)."""
@@ -322,14 +313,10 @@ class TorchProblem(_CallbackErrors):
         """Start (``on``) or stop keeping the forward sweep's graphs (``"graph"`` policy).
 
         With ``memory_mib``, the graphs of the earliest evaluations are dropped once the
-        kept ones would exceed it; the adjoint re-evaluates those stages.  Stopping
-        (done when a call ends) also drops the Vec views: their references must not
-        outlive the call, since a collective Vec may only be destroyed collectively.
+        kept ones would exceed it; the adjoint re-evaluates those stages.
         """
         budget = None if memory_mib is None else memory_mib * 2**20
         self.graphs = GraphStore(budget, self._entry_bytes) if on else None
-        if not on:
-            self.views.clear()
 
     def forget_points(self) -> None:
         """Drop cached linearisation points (their Vec keys are only valid within one sweep)."""
