@@ -140,24 +140,35 @@ class ParamGradient:
     then add) are done here, bit for bit, on the product that the state product's
     backward pass yields anyway; the solver then leaves the parameter gradient out
     of PETSc, which saves a JacobianP and a parameter-product callback per stage.
+    The sum lives in one flat float64 buffer (kept across sweeps), seen per
+    parameter through views.
     """
 
     def __init__(self) -> None:
-        self._acc: list[torch.Tensor] = []
+        self._flat: torch.Tensor | None = None
+        self._views: list[torch.Tensor] = []
+        self._fast = False  # every parameter float64: no conversion before adding
 
     def reset(self) -> None:
         """Start from zero (each adjoint)."""
-        self._acc = []
+        if self._flat is not None:
+            self._flat.zero_()
+
+    def _allocate(self, params: Sequence[torch.Tensor]) -> None:
+        self._flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+        sizes = [p.numel() for p in params]
+        self._views = [v.view(p.shape) for v, p in zip(self._flat.split(sizes), params, strict=True)]
+        self._fast = all(p.dtype == torch.float64 for p in params)
 
     def add(self, grads: Sequence[torch.Tensor | None], weight: float | None,
             params: Sequence[torch.Tensor]) -> None:
         """Add ``weight * grads`` (per-parameter gradients, ``None``: unused)."""
         if weight is None:
             raise AssertionError("internal: an RK adjoint stage whose weight is unknown")
-        if not self._acc:
-            self._acc = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
-        acc, used = self._acc, grads
-        if any(g is None or g.dtype != torch.float64 for g in grads):
+        if self._flat is None or len(self._views) != len(grads):
+            self._allocate(params)
+        acc, used = self._views, grads
+        if not self._fast or any(g is None for g in grads):
             pairs = [(a, g.to(torch.float64)) for a, g in zip(acc, grads, strict=True) if g is not None]
             acc, used = [a for a, _ in pairs], [g for _, g in pairs]
         if acc:
@@ -166,13 +177,14 @@ class ParamGradient:
 
     def finite(self) -> bool:
         """Whether every accumulated entry is finite."""
-        return all(math.isfinite(float(a.sum())) or bool(torch.isfinite(a).all()) for a in self._acc)
+        flat = self._flat
+        return flat is None or math.isfinite(float(flat.sum())) or bool(torch.isfinite(flat).all())
 
     def value(self, n_params: int) -> torch.Tensor:
         """The accumulated gradient, flat float64 (zeros if nothing was added)."""
-        if not self._acc:
+        if self._flat is None:
             return torch.zeros(n_params, dtype=torch.float64)
-        return torch.cat([a.reshape(-1) for a in self._acc])
+        return self._flat.clone()
 
 class _CallbackErrors:
     """Exceptions raised inside PETSc callbacks: remembered for the solver to re-raise.
@@ -323,7 +335,6 @@ class TorchProblem(_CallbackErrors):
         for part in (self.explicit, self.implicit):
             if part is not None:
                 part.point = part.last_point = None
-        self._t_value = self._t_tensor = None
 
     # -- linearisation points and products ----------------------------------------------
     def _set_point(self, part: _Part, t: float, X: PETSc.Vec) -> _LinPoint:
