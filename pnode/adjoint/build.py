@@ -179,8 +179,8 @@ class TSObjects:
             # TSHistory re-sorts all step times on every step (quadratic in the step count);
             # the adjoint does not use it.
             "ts_trajectory_use_history": "0",
-            "ts_trajectory_solution_only": "1" if opts.checkpoint.kind == "solution" else "0",
             "ts_adapt_type": "none" if self.fixed else "basic",
+            **opts.checkpoint.petsc_defaults(),
         }
         if problem.implicit is not None:
             d.update(self._implicit_defaults())
