@@ -272,7 +272,10 @@ def _release(solver: TSSolver) -> None:
 # Input checks
 # ---------------------------------------------------------------------------------------
 def _check_finite(x: torch.Tensor, what: str) -> None:
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    # one reduction on the per-call path; a non-finite sum is re-checked element by element
+    # (finite values can overflow it)
+    if x.is_floating_point() and not math.isfinite(float(x.detach().sum())) \
+            and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{what} contains NaN or Inf")
 
 
