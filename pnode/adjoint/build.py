@@ -55,6 +55,7 @@ class TSObjects:
         self.problem, self.method, self.opts, self.comm, self.fixed = \
             problem, method, opts, comm, fixed
         self._objs: list = []
+        self.destroyed = False
         self.adjoint_mode = False
         self.ts = PETSc.TS().create(comm=comm)
         self._objs.append(self.ts)
@@ -162,6 +163,7 @@ class TSObjects:
         for obj in reversed(self._objs):
             obj.destroy()
         self._objs.clear()
+        self.destroyed = True
 
     # -- options ------------------------------------------------------------------------
     def defaults(self) -> dict[str, str]:
