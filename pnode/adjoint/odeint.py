@@ -65,7 +65,13 @@ def _owner(func: Callable) -> tuple[Any, Any]:
 
 
 def clear_cache() -> None:
-    """Destroy every cached PETSc solver (they are rebuilt on demand)."""
+    """Destroy every cached PETSc solver (they are rebuilt on demand).
+
+    Solvers are cached per ``func`` and layout, at most
+    :data:`~pnode.adjoint.cache.MAX_SOLVERS_PER_FUNC` (16) per ``func``, the least
+    recently used evicted first; an idle one holds no trajectory.  Clearing is only
+    needed to free their (small) PETSc objects early.
+    """
     CACHE.clear()
 
 
@@ -299,6 +305,27 @@ def _build_options(method: Method, rtol, atol, options, checkpoint, petsc_option
     )
 
 
+def _prepare_collective(dist: Distributed, prepare: Callable[[], tuple]) -> tuple[tuple, tuple]:
+    """``prepare()`` on every rank of a collective call, and the agreement that follows.
+
+    One allgather carries every rank's verdict (an input error on one rank raises on
+    all), its layout (every rank's shard size) and its solver cache's collective
+    state (the collective solvers every rank has given up are destroyed here).
+    """
+    def prepare_and_describe():
+        prepared = prepare()
+        m, opts, params, spec, _, t_out = prepared
+        # the checkpoint directory may differ between ranks (node-local scratch)
+        ck = opts.checkpoint
+        same = (dataclasses.replace(opts, checkpoint=Checkpoint("stages")), ck.agreement_key())
+        return prepared, (dist.layout(spec, t_out, m.name, params, same), CACHE.collective_state())
+
+    prepared, payloads = agree(dist.comm, prepare_and_describe, gather=True)
+    shards = dist.shard_sizes([layout for layout, _ in payloads])
+    CACHE.agree(state for _, state in payloads)
+    return prepared, shards
+
+
 def odeint(
     func: Callable,
     y0: torch.Tensor | Sequence[torch.Tensor],
@@ -426,23 +453,9 @@ def odeint(
         return m, opts, params, spec, flat, t_out
 
     if dist is None:
-        m, opts, params, spec, flat, t_out = prepare()
-        shards: tuple[int, ...] = ()
+        (m, opts, params, spec, flat, t_out), shards = prepare(), ()
     else:  # every rank checks; one allgather shares the verdicts and the layouts
-        def prepare_and_describe():
-            prepared = prepare()
-            m, opts, params, spec, _, t_out = prepared
-            # the checkpoint directory may differ between ranks (node-local scratch)
-            ck = opts.checkpoint
-            same = (dataclasses.replace(opts, checkpoint=Checkpoint("stages")), ck.agreement_key())
-            return prepared, (dist.layout(spec, t_out, m.name, params, same),
-                              CACHE.collective_state())
-
-        (m, opts, params, spec, flat, t_out), payloads = agree(dist.comm, prepare_and_describe,
-                                                               gather=True)
-        shards = dist.shard_sizes([layout for layout, _ in payloads])
-        # destroy the collective solvers that every rank has given up, all at this point
-        CACHE.agree(state for _, state in payloads)
+        (m, opts, params, spec, flat, t_out), shards = _prepare_collective(dist, prepare)
 
     # 3. solve
     call = _Call(func, spec, params, m, opts, len(t_out), dist, shards, mass=mass_info[0])
