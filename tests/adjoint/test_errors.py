@@ -171,3 +171,20 @@ def test_command_line_options_win(tmp_path):
     out = subprocess.run([sys.executable, str(script), "-pnode_ts_rk_type", "1fe"],
                          capture_output=True, text=True, check=True)
     assert float(out.stdout.strip()) == pytest.approx(0.25, abs=1e-15)  # (1 - 0.5)^2
+
+
+def test_one_reason_enum():
+    from petsc4py import PETSc
+
+    from pnode.adjoint.failures import petsc_reason
+    from pnode.errors import Reason
+
+    enum = PETSc.TS.ConvergedReason
+    names = {k for k in dir(enum) if not k.startswith("_")} - {"ITERATING"}  # an alias
+    for name in names:
+        assert petsc_reason(getattr(enum, name)) == Reason[name] == name
+    assert petsc_reason(enum.ITERATING) is Reason.CONVERGED_ITERATING
+    err = pnode.SolverError("x", t=0.0, reason="MAX_STEPS")
+    assert err.reason is Reason.MAX_STEPS and "reason=MAX_STEPS" in str(err)
+    with pytest.raises(ValueError):
+        pnode.SolverError("x", t=0.0, reason="NOT_A_REASON")
