@@ -595,6 +595,8 @@ class RMTR:
             problem = "Invalid X: contains NaN or Inf; clean or impute the data first"
         elif y.is_floating_point() and not bool(torch.isfinite(y).all()):
             problem = "Invalid y: contains NaN or Inf; clean or impute the targets first"
+        if problem is not None and self._comm is not None and self._comm.Get_size() > 1:
+            problem += f" (on rank {self._comm.Get_rank()})"  # the same text on every rank
         error = None if problem is None else ValueError(problem)
         if self._comm is None:
             if error is not None:
