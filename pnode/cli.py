@@ -5,6 +5,11 @@
 ``pnode run <example> [--quick] [--out DIR] [--overwrite] [--resume] [options] [PETSc options]``
     train one of the bundled examples (``pnode run --list`` lists them,
     ``pnode run <example> --help`` shows its options).
+
+Exit status: 0 done; 1 the run failed (solver, checkpoint, another rank); 2 bad usage
+(unknown or invalid option, unwritable ``--out``, a PETSc option PETSc refuses, an example
+that cannot run on this many ranks); 130 / 143 stopped by SIGINT / SIGTERM after writing
+the checkpoint that ``--resume`` continues from.
 """
 
 from __future__ import annotations
@@ -199,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     Returns
     -------
     int
-        Exit status: 0 on success, 1 for a failed run, 2 for bad usage.
+        Exit status: 0 on success, 1 for a failed run, 2 for bad usage, 128 + the signal
+        number for a run stopped by SIGINT / SIGTERM (its checkpoint written).
     """
     import pnode  # noqa: F401  (initialises PETSc, which installs its own signal handlers)
 

@@ -1,10 +1,13 @@
 """SIGINT / SIGTERM during ``pnode run``: a resumable checkpoint, and --resume repeats the run bit for bit."""
 
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,9 +45,9 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-def _interrupt_subprocess(out, sig):
+def _interrupt_subprocess(out, sig, launcher=()):
     """Start a long `pnode run spiral`, send ``sig`` once training is under way; (status, stderr)."""
-    cmd = [sys.executable, "-m", "pnode.cli", "run", "spiral", *ARGS, "--iters", "100000",
+    cmd = [*launcher, sys.executable, "-m", "pnode.cli", "run", "spiral", *ARGS, "--iters", "100000",
            "--checkpoint-every", "1", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -102,3 +105,24 @@ def test_hard_interrupt_after_the_update_checkpoints_the_state_before_the_iterat
     monkeypatch.setattr(Spiral, "train_step", step)
     run("spiral", ["--resume", "--no-progress", "--out", str(out)])
     _assert_same_training(uninterrupted, out)
+
+
+def test_sigterm_to_mpiexec_stops_every_rank_with_a_resumable_checkpoint(uninterrupted, tmp_path):
+    """What a batch scheduler does at the time limit: SIGTERM to the launcher of a 2-rank job."""
+    mpiexec = Path(sys.executable).with_name("mpiexec")
+    mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
+    assert mpiexec, "mpiexec not found next to the interpreter or on PATH"
+    out = tmp_path / "run"
+    status, err = _interrupt_subprocess(out, signal.SIGTERM, launcher=(mpiexec, "-n", "2"))
+    assert status == 128 + signal.SIGTERM, err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("pnode run")]
+    assert len(lines) == 1 and "(SIGTERM)" in lines[0], err  # rank 0 speaks for the job
+    assert "Traceback" not in err and "MPI_Abort" not in err
+    k = _state(out)["iteration"]
+    assert 1 <= k < N, k
+    # continued serially: the same run up to the order of the shard sums
+    resumed = run("spiral", ["--resume", "--no-progress", "--iters", str(N), "--out", str(out)])
+    ref = _state(uninterrupted)["history"]["loss"]
+    assert resumed.resumed_from == k and len(resumed.losses) == N
+    assert all(math.isfinite(a) and abs(a - b) <= 1e-9 * abs(b) for a, b in zip(resumed.losses, ref,
+                                                                                  strict=True))
