@@ -400,7 +400,8 @@ def odeint(
         Solve ``M y' = func(t, y)`` with a constant mass matrix ``M``: a vector of
         diagonal entries (zeros mark algebraic rows) or an ``[n, n]`` matrix (``n``
         state elements; may be singular: an index-1 DAE).  Implicit TSTHETA methods
-        only (``implicit_euler``, ``trapezoid``, ``theta``).  ``y0`` must satisfy the
+        only (``implicit_euler``, ``trapezoid``, ``theta``; the midpoint form of
+        ``theta`` takes a singular mass with fixed steps only).  ``y0`` must satisfy the
         algebraic equations at ``t[0]`` to within ``rtol``/``atol``, or set
         ``options={"consistent_init": True}`` to solve them for its algebraic
         components (Newton).  ``M`` is differentiated if it requires grad.  See
