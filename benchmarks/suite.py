@@ -31,7 +31,8 @@ def header(info: dict, quick: bool) -> str:
             f"{info['load_average_1min']:.1f}); Python {info['python']}, torch {info['torch']}, PETSc "
             f"{info['petsc']}, petsc4py {info['petsc4py']}, torchdiffeq {info['torchdiffeq']}; "
             f"{info['torch_threads']} torch thread. Medians over repeats; every ratio is taken within "
-            "this run.")
+            "this run. Sections 1 and 6 count the process's CPU time (wall time on an idle "
+            "machine; robust to other load on a shared one), the others wall time.")
 
 
 def _clean(obj):

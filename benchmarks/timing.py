@@ -3,12 +3,14 @@
 Run alone: ``python -m benchmarks.timing [--quick]``.  Each problem size is timed
 in this process with all configurations called round-robin (so a change in
 machine load hits them alike); the numbers are medians and every ratio is taken
-between medians of the same round-robin.
+between medians of the same round-robin.  The clock is the process's CPU time
+(see :func:`run`).
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -41,15 +43,20 @@ def repeats_for(problem: Problem, quick: bool) -> int:
 
 
 def run(quick: bool = False, configs: tuple[str, ...] = CONFIGS,
-        sizes: list[Problem] | None = None) -> list[dict]:
-    """Median seconds per iteration for every problem size (default :func:`problems`) and configuration."""
+        sizes: list[Problem] | None = None, clock=time.process_time) -> list[dict]:
+    """Median seconds per iteration for every problem size (default :func:`problems`) and configuration.
+
+    ``clock``: CPU time of this process by default (one torch thread, serial PETSc: wall
+    time on an idle machine, far less disturbed by other load on a shared one).
+    """
     torch.set_num_threads(1)
     rows = []
     for prob in sizes or problems(quick):
         func, y0, t = build(prob)
         fns = {c: iteration(c, func, y0, t, prob.steps) for c in configs}
         # a 500-step iteration takes seconds: the first-call costs (solver set-up) are noise there
-        med = interleaved_medians(fns, repeats_for(prob, quick), warmup=0 if prob.steps >= 500 else 1)
+        med = interleaved_medians(fns, repeats_for(prob, quick), warmup=0 if prob.steps >= 500 else 1,
+                                  clock=clock)
         rows.append({"problem": prob.as_dict(), "seconds": med, "repeats": repeats_for(prob, quick)})
     return rows
 
@@ -81,7 +88,8 @@ def tables(rows: list[dict]) -> str:
               "met" if g["met"] else f"missed by {100 * (g['missed_by'] - 1):.0f}%"]
              for g in goal_rows(rows)]
     return "\n\n".join([
-        "### 1. Time per training iteration (s, median)\n\nForward + gradient of sum(y(1)^2); "
+        "### 1. Time per training iteration (s, median)\n\nCPU time of the process for forward + "
+        "gradient of sum(y(1)^2); "
         "MLP 32-width-32 tanh, RK4 fixed steps on [0, 1], float64, 1 thread. All configurations "
         "of one row are timed round-robin in one process.",
         md_table(head, sec),
