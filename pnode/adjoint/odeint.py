@@ -186,7 +186,10 @@ class _Call:
 # Input checks
 # ---------------------------------------------------------------------------------------
 def _check_finite(x: torch.Tensor, what: str) -> None:
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    # one reduction on the per-call path; a non-finite sum is re-checked element by element
+    # (finite values can overflow it)
+    if x.is_floating_point() and not math.isfinite(float(x.detach().sum())) \
+            and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{what} contains NaN or Inf")
 
 
@@ -447,9 +450,9 @@ def odeint(
         t_out = tt.to(spec.dtype) if tt.dtype != spec.dtype else tt
         # DAE: validate the mass, check (or make) y0 consistent (pnode/adjoint/dae.py)
         mass_info[0], flat, params = dae.prepare_mass(
-            mass, func, spec, flat, t_out, m, rtol=opts.rtol, atol=opts.atol,
-            jacobian=opts.jacobian, imex=isinstance(func, IMEX), consistent_init=dae_init,
-            params=params, collective=dist is not None)
+            mass, func, spec, flat, t_out, m, opts, imex=isinstance(func, IMEX),
+            consistent_init=dae_init, params=params, collective=dist is not None)
+        opts = dae.solve_options(mass_info[0], m, opts)
         return m, opts, params, spec, flat, t_out
 
     if dist is None:
