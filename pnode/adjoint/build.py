@@ -18,6 +18,7 @@ from .._petsc import inserted_options
 from .methods import Method
 from .observers import stage_weights
 from .problem import TorchProblem
+from .trajectory import configure_memory_trajectory
 
 __all__ = ["TSObjects", "DENSE_JACOBIAN_MAX"]
 
@@ -230,6 +231,27 @@ class TSObjects:
         with self.options(force):
             self.ts.setFromOptions()
         self.adjoint_mode = False
+        self._plain = force is None
+
+    def configure_forward(self) -> None:
+        """:meth:`configure` for a forward solve, or only its fresh trajectory's settings.
+
+        An explicit method's TS that the last :meth:`configure` (without ``force``) left
+        as it is needs nothing but the new trajectory's type and flags
+        (:mod:`.trajectory`), which saves a whole ``TSSetFromOptions``.  (So options
+        put into PETSc's database after a solver was built reach it after the next
+        change pnode makes, or in a new solver.)
+        """
+        traj = {k: v for k, v in self.defaults().items() if k.startswith("ts_trajectory_")}
+        flags = {k: traj.get(k) for k in ("ts_trajectory_use_history", "ts_trajectory_solution_only")}
+        if not (getattr(self, "_plain", False) and self.problem.implicit is None
+                and not self.adjoint_mode and traj.get("ts_trajectory_type") == "memory"
+                and len(traj) == 3 and all(v in ("0", "1") for v in flags.values())):
+            self.configure()
+            return
+        configure_memory_trajectory(
+            self.ts, use_history=flags["ts_trajectory_use_history"] == "1",
+            solution_only=flags["ts_trajectory_solution_only"] == "1")
 
     def set_adjoint_mode(self, on: bool) -> None:
         """Switch SNES Jacobian lagging off for the adjoint sweep, and back.

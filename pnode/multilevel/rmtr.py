@@ -595,15 +595,16 @@ class RMTR:
             problem = "Invalid X: contains NaN or Inf; clean or impute the data first"
         elif y.is_floating_point() and not bool(torch.isfinite(y).all()):
             problem = "Invalid y: contains NaN or Inf; clean or impute the targets first"
+        if problem is not None and self._comm is not None and self._comm.Get_size() > 1:
+            problem += f" (on rank {self._comm.Get_rank()})"  # the same text on every rank
+        error = None if problem is None else ValueError(problem)
         if self._comm is None:
-            if problem is not None:
-                raise ValueError(problem)
+            if error is not None:
+                raise error
             counts = [X.shape[0]]
-        else:  # every rank learns every rank's verdict: all raise together, naming the rank
-            where = f" (on rank {self._comm.Get_rank()})" if self._comm.Get_size() > 1 else ""
-            error = None if problem is None else ValueError(problem + where)
-            counts = raise_together(self._comm, error, lambda f: ValueError(f.text),
-                                    payload=X.shape[0])
+        else:  # every rank learns every rank's verdict: all raise together
+            counts = raise_together(self._comm, error, lambda f: ValueError(
+                f"{f.text} (on rank {f.rank})"), payload=X.shape[0])
         if X.is_floating_point():
             X = X.to(dtype)
         if y.is_floating_point():
