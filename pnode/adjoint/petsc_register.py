@@ -187,7 +187,7 @@ def register_dirk(name: str, tableau: ButcherTableau) -> None:
 
     The tableau becomes the implicit part of an additive scheme whose explicit part
     is never used: the engine runs fully implicit ARKIMEX schemes with a zero
-    explicit right-hand side (see :class:`pnode.adjoint.solver.TSSolver`), so the
+    explicit right-hand side (see :class:`pnode.adjoint.build.TSObjects`), so the
     stages solve ``Y_i = y + h sum_j A[i][j] f(Y_j)`` and PETSc's ARKIMEX adjoint
     applies unchanged.
 

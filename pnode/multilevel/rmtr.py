@@ -603,8 +603,9 @@ class RMTR:
                 raise error
             counts = [X.shape[0]]
         else:  # every rank learns every rank's verdict: all raise together
-            counts = raise_together(self._comm, error, lambda f: ValueError(
-                f"{f.text} (on rank {f.rank})"), payload=X.shape[0])
+            # the text already names the failing rank: quote it as it is
+            counts = raise_together(self._comm, error, lambda f: ValueError(f.text),
+                                    payload=X.shape[0])
         if X.is_floating_point():
             X = X.to(dtype)
         if y.is_floating_point():
