@@ -319,11 +319,16 @@ class TorchProblem:
         pt = part.point
         xr, out = self._graph(part, pt)
         inputs = ((xr,) if want_x else ()) + (self.params if want_p else ())
-        grads = _engine_grad(out, inputs, v.to(out.dtype), not last)
+        if out.requires_grad:
+            grads = _engine_grad(out, inputs, v.to(out.dtype), not last)
+        else:  # func depends on neither y nor the parameters: every block is zero
+            grads = (None,) * len(inputs)
         if last:
             pt.graph = None
         self.counters.vjp += 1
         gx = grads[0] if want_x else None
+        if want_x and gx is None:  # func does not depend on y (e.g. a forcing term)
+            gx = torch.zeros_like(xr)
         gps = grads[1:] if want_x else grads
         gp = None
         if want_p and self.n_params:
@@ -359,12 +364,20 @@ class TorchProblem:
         asks for next at the same stage reuse it.
         """
         xr, out = self._graph(part, pt)
+        self.counters.jacobians += 1
+        zero = torch.zeros(self.n, self.n, dtype=torch.float64)
+        if not out.requires_grad:  # f independent of y: a zero block, not an autograd error
+            return zero
         eye = torch.eye(self.n, dtype=out.dtype)
         try:
-            (jac,) = torch.autograd.grad(out, xr, eye, retain_graph=True, is_grads_batched=True)
+            (jac,) = torch.autograd.grad(out, xr, eye, retain_graph=True, is_grads_batched=True,
+                                         allow_unused=True)
         except RuntimeError:  # an op without a batching rule: one vjp per row
-            jac = torch.stack([torch.autograd.grad(out, xr, e, retain_graph=True)[0] for e in eye])
-        self.counters.jacobians += 1
+            rows = [torch.autograd.grad(out, xr, e, retain_graph=True, allow_unused=True)[0]
+                    for e in eye]
+            jac = None if rows[0] is None else torch.stack(rows)
+        if jac is None:  # out depends on the parameters or t only
+            return zero
         return jac.to(torch.float64)
 
     def _block_jacobian(self, part: _Part, pt: _LinPoint) -> torch.Tensor:
@@ -376,7 +389,14 @@ class TorchProblem:
         xr, out = self._graph(part, pt)
         B, d = self.batch, self.block
         seeds = torch.eye(d, dtype=out.dtype).unsqueeze(1).expand(d, B, d).reshape(d, -1)
-        (rows,) = torch.autograd.grad(out, xr, seeds, retain_graph=True, is_grads_batched=True)
+        rows = None
+        if out.requires_grad:
+            (rows,) = torch.autograd.grad(out, xr, seeds, retain_graph=True, is_grads_batched=True,
+                                          allow_unused=True)
+        if rows is None:  # f independent of y: zero blocks
+            self.counters.jacobians += 1
+            self._blocks_checked = True
+            return torch.zeros(B, d, d, dtype=torch.float64)
         blocks = rows.reshape(d, B, d).transpose(0, 1).to(torch.float64)  # [B, i, j] = df_i/dx_j
         self.counters.jacobians += 1
         if not self._blocks_checked:
