@@ -219,6 +219,10 @@ class _Call:
         _last["solver"] = solver
         return Lease(solver, _release)
 
+    def solver_stats(self) -> SolveStats | None:
+        solver = _last.get("solver")
+        return None if solver is None else solver.stats
+
     def time_gradient(self, t: torch.Tensor, ys: torch.Tensor, g: torch.Tensor,
                       grad_y0: torch.Tensor) -> torch.Tensor:
         """dL/dt_k = g_k . f(t_k, y_k) for k >= 1 and -lambda(t_0+) . f(t_0, y_0).
@@ -657,6 +661,9 @@ def _odeint(func, y0, t, *, adjoint_params, checkpoint, comm, mass, **front_kw):
     ys = OdeintFunction.apply(call, flat, t_out, *params)
     if len(index) != len(t_out):  # drop the rows of step-end times that are not outputs
         ys = ys[index]
+        stats = call.solver_stats()
+        if stats is not None:  # last_stats() describes the caller's outputs
+            stats.output_steps = [stats.output_steps[i] for i in index.tolist()]
     return spec.unflatten(ys)
 
 

@@ -470,7 +470,9 @@ class TSSolver:
                 ts.setPostStep(self._to_next_output)
         else:
             h0 = self.opts.first_step or self._initial_step(tt[0], y0, tt[-1] - tt[0])
-            ts.setTimeStep(min(h0, tt[1] - tt[0]))
+            # TSAdapt clamps the steps it chooses, not the first one: options['max_step']
+            dt_max = float(dict(self.opts.petsc_options).get("ts_adapt_dt_max", "inf"))
+            ts.setTimeStep(min(h0, tt[1] - tt[0], dt_max))
         try:
             ts.solve(self.x)
         except PETSc.Error as exc:
