@@ -138,6 +138,7 @@ class _Call:
         self.func, self.spec, self.params, self.method, self.opts = func, spec, params, method, opts
         self.mass = mass
         self.dist = dist
+        self.step_hooks: list = []  # hook(t, u) after each accepted forward step
         self.record = True  # a backward pass may follow (set by odeint)
         self.imex = isinstance(func, IMEX)
         if opts.jacobian == "auto":
@@ -190,6 +191,7 @@ class _Call:
             prob.implicit.func = implicit
         prob.params = tuple(self.params)
         prob.mass = self.mass
+        solver.step_hooks = list(self.step_hooks)
 
     def acquire(self, record: bool) -> Lease:
         owner, fkey = _owner(self.func)
@@ -266,6 +268,7 @@ def _release(solver: TSSolver) -> None:
             part.func = part.point = part.last_point = None
     prob.params = ()
     prob.keep_graphs(False)
+    solver.step_hooks = []
     solver.busy = False
     if solver in _uncached:
         _uncached.remove(solver)
@@ -607,7 +610,7 @@ def _extra_times(front: _Front, func, y0) -> list[float]:
     return extra
 
 
-def _odeint(func, y0, t, *, adjoint_params, checkpoint, comm, mass, **front_kw):
+def _odeint(func, y0, t, *, adjoint_params, checkpoint, comm, mass, step_hooks=(), **front_kw):
     """odeint without events (see :func:`odeint`): check, normalise, solve."""
     mpi = as_comm(comm)
     dist = Distributed(mpi) if mpi is not None and mpi.Get_size() > 1 else None
@@ -653,6 +656,7 @@ def _odeint(func, y0, t, *, adjoint_params, checkpoint, comm, mass, **front_kw):
 
     m, opts, params, spec, flat, t_out, (mass_obj, index) = prepared
     call = _Call(fronts[-1].field, spec, params, m, opts, len(t_out), dist, shards, mass=mass_obj)
+    call.step_hooks = list(step_hooks)
     # Inside autograd.Function.forward grad mode is off and needs_input_grad ignores
     # torch.no_grad(), so whether a backward can follow is decided here: under no_grad
     # no trajectory is kept (it would cost memory in proportion to the steps).

@@ -148,6 +148,7 @@ class TSSolver:
         self.pool: list | None = None  # the cache list holding this solver
         self.seq: int | None = None  # creation number of a collective solver (odeint._graveyard)
         self._objs: list = []
+        self.step_hooks: list = []  # called as hook(t, u) after each accepted step
         self._steps: list[tuple[int, float]] = []
         self.stats = SolveStats(method.name)
         n, n_p = problem.n, problem.n_params
@@ -348,6 +349,8 @@ class TSSolver:
     def _monitor(self, ts, step, t, u) -> None:
         if step > self._steps[-1][0]:
             self._steps.append((step, t))
+            for hook in self.step_hooks:  # event search, torchdiffeq-style callbacks
+                hook(t, u)
 
     def _sync(self, phase: str, t_target: float, petsc_error: Exception | None = None) -> None:
         """Collective solves: raise on every rank if a callback failed on any rank.

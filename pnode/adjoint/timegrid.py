@@ -78,8 +78,8 @@ def check_times(t: Any, *, event: bool = False) -> Times:
         if t.numel() > 2:
             raise ValueError("with event_fn, t must be [t0] or [t0, t1] (t1 only gives the "
                              f"direction of integration), got {t.numel()} times")
-        reverse = t.numel() == 2 and float(t[1]) < float(t[0])
-        if t.numel() == 2 and float(t[1]) == float(t[0]):
+        reverse = t.numel() == 2 and float(t[1].detach()) < float(t[0].detach())
+        if t.numel() == 2 and float(t[1].detach()) == float(t[0].detach()):
             raise ValueError("with event_fn, t = [t0, t1] needs t1 != t0 (the direction)")
         return Times(t, reverse)
     d = (t[1:] - t[:-1]).detach()
