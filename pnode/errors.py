@@ -1,8 +1,41 @@
-"""Exceptions raised by pnode."""
+"""Exceptions raised by pnode, and the one enum of solver failure reasons."""
 
 from __future__ import annotations
 
-__all__ = ["PnodeError", "SolverError", "CheckpointError"]
+from enum import Enum
+
+__all__ = ["PnodeError", "SolverError", "CheckpointError", "Reason"]
+
+
+class Reason(str, Enum):
+    """Why a solve stopped: the value of every :attr:`SolverError.reason`.
+
+    A ``str`` enum, so ``err.reason == "MAX_STEPS"`` holds.  The first group are
+    PETSc's ``TSConvergedReason`` names (``CONVERGED_*`` ones appear when a solve
+    stopped early without diverging); the second group are pnode's own.
+    """
+
+    # PETSc TSConvergedReason
+    CONVERGED_ITERATING = "CONVERGED_ITERATING"
+    CONVERGED_TIME = "CONVERGED_TIME"
+    CONVERGED_ITS = "CONVERGED_ITS"
+    CONVERGED_USER = "CONVERGED_USER"
+    CONVERGED_EVENT = "CONVERGED_EVENT"
+    CONVERGED_PSEUDO_FATOL = "CONVERGED_PSEUDO_FATOL"
+    CONVERGED_PSEUDO_FRTOL = "CONVERGED_PSEUDO_FRTOL"
+    DIVERGED_NONLINEAR_SOLVE = "DIVERGED_NONLINEAR_SOLVE"
+    DIVERGED_STEP_REJECTED = "DIVERGED_STEP_REJECTED"
+    # pnode's own
+    MAX_STEPS = "MAX_STEPS"  #: the step limit was reached before the last output time
+    DIVERGED_NONFINITE = "DIVERGED_NONFINITE"  #: a NaN or Inf in func's output or the adjoint
+    PETSC_ERROR = "PETSC_ERROR"  #: a PETSc call raised an error
+    RANK_FAILED = "RANK_FAILED"  #: another rank of a collective solve failed
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 class PnodeError(Exception):
@@ -18,17 +51,19 @@ class SolverError(PnodeError):
         What happened and what to try.
     t : float
         The time the solver reached before failing.
-    reason : str
-        PETSc's converged reason as a readable name (e.g. ``"DIVERGED_STEP_REJECTED"``),
-        or pnode's own (``"DIVERGED_NONFINITE"``, ``"MAX_STEPS"``).
+    reason : Reason or str
+        Why, as a :class:`Reason` (a ``str``): PETSc's converged reason as a
+        readable name (e.g. ``"DIVERGED_STEP_REJECTED"``), or pnode's own
+        (``"DIVERGED_NONFINITE"``, ``"MAX_STEPS"``, ...).
     steps : int
         Number of accepted steps taken before the failure.
     phase : str
         ``"forward"`` or ``"adjoint"``.
     """
 
-    def __init__(self, message: str, *, t: float, reason: str, steps: int = 0,
+    def __init__(self, message: str, *, t: float, reason: Reason | str, steps: int = 0,
                  phase: str = "forward") -> None:
+        reason = Reason(reason)  # an unknown name is a bug at the raise site: ValueError
         super().__init__(f"{message} (t={t:.6g}, reason={reason}, steps={steps}, phase={phase})")
         self.t = float(t)
         self.reason = reason

@@ -74,7 +74,9 @@ def _bracket(solve: Callable, spec: StateSpec, event_fn: Callable, t0: float, y0
     for _ in range(64):
         seen: list = []
 
-        def hook(t, u, seen=seen):  # t is the solver's time (s = -t in reverse)
+        def hook(ts, step, t, u, seen=seen):  # t is the solver's time (s = -t in reverse)
+            if step == 0:
+                return
             tk = -t if reverse else t
             yk = spec.unflatten(vec_view(u).to(spec.dtype).clone())
             seen.append((tk, yk, event_fn(torch.tensor(tk, dtype=spec.dtype), yk).reshape(-1)))

@@ -56,6 +56,7 @@ class OdeintFunction(torch.autograd.Function):
                 *params: torch.Tensor) -> torch.Tensor:
         record = call.record and any(ctx.needs_input_grad[1:])
         lease = call.acquire(record)
+        lease.solver.log.hooks = list(call.step_hooks)  # this forward only, not replays
         try:
             ys64 = lease.solver.forward(
                 y0.detach().to(torch.float64), t.detach().to(torch.float64), record=record
@@ -63,6 +64,8 @@ class OdeintFunction(torch.autograd.Function):
         except BaseException:
             lease.release()
             raise
+        finally:
+            lease.solver.log.hooks = []
         if not record:
             lease.release()
         ctx.call, ctx.lease = call, lease

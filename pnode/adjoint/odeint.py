@@ -138,7 +138,7 @@ class _Call:
         self.func, self.spec, self.params, self.method, self.opts = func, spec, params, method, opts
         self.mass = mass
         self.dist = dist
-        self.step_hooks: list = []  # hook(t, u) after each accepted forward step
+        self.step_hooks: list = []  # hook(ts, step, t, u) at each step of the forward solve
         self.record = True  # a backward pass may follow (set by odeint)
         self.imex = isinstance(func, IMEX)
         if opts.jacobian == "auto":
@@ -191,7 +191,6 @@ class _Call:
             prob.implicit.func = implicit
         prob.params = tuple(self.params)
         prob.mass = self.mass
-        solver.step_hooks = list(self.step_hooks)
 
     def acquire(self, record: bool) -> Lease:
         owner, fkey = _owner(self.func)
@@ -268,7 +267,6 @@ def _release(solver: TSSolver) -> None:
             part.func = part.point = part.last_point = None
     prob.params = ()
     prob.keep_graphs(False)
-    solver.step_hooks = []
     solver.busy = False
     if solver in _uncached:
         _uncached.remove(solver)
@@ -409,9 +407,7 @@ def _build_options(method: Method, rtol, atol, options, checkpoint, petsc_option
             "use kencarp3, kencarp4, kencarp5 or 'arkimex:<type>'"
         )
     policy = Checkpoint.parse(checkpoint)
-    if policy.kind == "graph" and (method.implicit or imex):
-        raise ValueError("checkpoint='graph' is available for explicit methods; implicit stages "
-                         "are Newton iterates, use 'stages' or 'solution'")
+    policy.check_method(method, imex)
     popts: tuple[tuple[str, str], ...] = ()
     if petsc_options is not None:
         if not isinstance(petsc_options, Mapping):
@@ -635,8 +631,7 @@ def _odeint(func, y0, t, *, adjoint_params, checkpoint, comm, mass, step_hooks=(
             m, opts, params, spec, _, t_out, _ = prepared
             # the checkpoint directory may differ between ranks (node-local scratch)
             ck = opts.checkpoint
-            same = (dataclasses.replace(opts, checkpoint=Checkpoint("stages")), ck.kind, ck.budget,
-                    ck.disk_budget, ck.memory_mib)
+            same = (dataclasses.replace(opts, checkpoint=Checkpoint("stages")), ck.agreement_key())
             return prepared, (dist.layout(spec, t_out, m.name, params, same), scheduled)
 
         prepared, payloads = agree(dist.comm, prepare_and_describe, gather=True)

@@ -140,13 +140,15 @@ def test_newton_failure_is_a_solver_error_and_solver_recovers():
     assert torch.isfinite(ys).all()
 
 
-def test_second_backward_through_same_solve_is_refused():
+def test_second_backward_through_same_solve_gives_the_same_gradient():
+    # issue 15: once refused ("already used"); now the forward is replayed
     func = TimeMLP().double()
     y0 = torch.randn(3, dtype=torch.float64, requires_grad=True)
     ys = pnode.odeint(func, y0, T, method="rk4")
     ys.sum().backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="already used"):
-        ys.sum().backward()
+    first = y0.grad.clone()
+    ys.sum().backward()
+    assert torch.equal(y0.grad, 2 * first)
 
 
 def test_petsc_options_reach_the_ts():
@@ -170,3 +172,20 @@ def test_command_line_options_win(tmp_path):
     out = subprocess.run([sys.executable, str(script), "-pnode_ts_rk_type", "1fe"],
                          capture_output=True, text=True, check=True)
     assert float(out.stdout.strip()) == pytest.approx(0.25, abs=1e-15)  # (1 - 0.5)^2
+
+
+def test_one_reason_enum():
+    from petsc4py import PETSc
+
+    from pnode.adjoint.failures import petsc_reason
+    from pnode.errors import Reason
+
+    enum = PETSc.TS.ConvergedReason
+    names = {k for k in dir(enum) if not k.startswith("_")} - {"ITERATING"}  # an alias
+    for name in names:
+        assert petsc_reason(getattr(enum, name)) == Reason[name] == name
+    assert petsc_reason(enum.ITERATING) is Reason.CONVERGED_ITERATING
+    err = pnode.SolverError("x", t=0.0, reason="MAX_STEPS")
+    assert err.reason is Reason.MAX_STEPS and "reason=MAX_STEPS" in str(err)
+    with pytest.raises(ValueError):
+        pnode.SolverError("x", t=0.0, reason="NOT_A_REASON")
