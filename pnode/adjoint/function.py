@@ -87,12 +87,14 @@ class OdeintFunction(torch.autograd.Function):
         if not lease.active:  # a previous backward used the trajectory: record it again
             lease = _replay(ctx)
         g = grad_ys.detach().to(torch.float64)
+        lease.solver.adjoint_callbacks = call.adjoint_callbacks
         try:
             grad_y0, grad_p = lease.solver.adjoint(g)
             grad_t = None
             if ctx.needs_input_grad[2]:
                 grad_t = call.time_gradient(t, ys, g, grad_y0)
         finally:
+            lease.solver.adjoint_callbacks = None
             lease.release()
         grads_p = call.split_param_grads(grad_p)
         return (None, grad_y0.to(ys.dtype), grad_t, *grads_p)

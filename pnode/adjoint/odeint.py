@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import compat, dae
+from .callbacks import AdjointCallbacks, StepCallbacks
 from .checkpoint import Checkpoint
 from .distributed import Distributed, agree, as_comm
 from .function import Lease, OdeintFunction
@@ -139,6 +140,7 @@ class _Call:
         self.mass = mass
         self.dist = dist
         self.step_hooks: list = []  # hook(ts, step, t, u) at each step of the forward solve
+        self.adjoint_callbacks = None  # callbacks.AdjointCallbacks (func.callback_*_adjoint)
         self.record = True  # a backward pass may follow (set by odeint)
         self.imex = isinstance(func, IMEX)
         if opts.jacobian == "auto":
@@ -652,12 +654,26 @@ def _odeint(func, y0, t, *, adjoint_params, checkpoint, comm, mass, step_hooks=(
     m, opts, params, spec, flat, t_out, (mass_obj, index) = prepared
     call = _Call(fronts[-1].field, spec, params, m, opts, len(t_out), dist, shards, mass=mass_obj)
     call.step_hooks = list(step_hooks)
+    reverse, user_func = fronts[-1].times.reverse, func
+    fwd = StepCallbacks.of(user_func, spec, reverse, m.adaptive and opts.step_size is None,
+                           t_out.detach().tolist())
+    if fwd is not None:
+        call.step_hooks.append(fwd.hook)
+    call.adjoint_callbacks = AdjointCallbacks.of(user_func, spec, reverse, params)
+    if call.adjoint_callbacks is not None:
+        if opts.checkpoint.replays:
+            raise ValueError("func defines callback_*_adjoint, which runs with checkpoint "
+                             "'stages', 'all' or 'solution'; a binomial or disk schedule "
+                             "replays steps out of order")
+        call.step_hooks.append(call.adjoint_callbacks.record)
     # Inside autograd.Function.forward grad mode is off and needs_input_grad ignores
     # torch.no_grad(), so whether a backward can follow is decided here: under no_grad
     # no trajectory is kept (it would cost memory in proportion to the steps).
     call.record = torch.is_grad_enabled() and (
         flat.requires_grad or t_out.requires_grad or any(p.requires_grad for p in params))
     ys = OdeintFunction.apply(call, flat, t_out, *params)
+    if fwd is not None and fwd.error is not None:
+        raise fwd.error
     if len(index) != len(t_out):  # drop the rows of step-end times that are not outputs
         ys = ys[index]
         stats = call.solver_stats()
