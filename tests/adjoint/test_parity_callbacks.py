@@ -40,7 +40,7 @@ def test_forward_callbacks_see_every_step():
     accepts = [e for e in f.log if e[0] == "accept"]
     assert len(accepts) == st.steps and len(steps) == st.steps + st.rejected
     assert len([e for e in f.log if e[0] == "reject"]) == st.rejected
-    for k, (_, t0, y, dt) in enumerate(accepts):
+    for k, (_, t0, _y, dt) in enumerate(accepts):
         assert t0 == st.step_times[k] and dt == pytest.approx(st.step_times[k + 1] - t0, abs=1e-15)
     # the state passed at the step after an output is that output
     at_half = [e for e in accepts if e[1] == 0.5][0]
