@@ -463,10 +463,12 @@ def odeint(
     y0 : Tensor or tuple of Tensors
         Initial state (float32 or float64, CPU).
     t : Tensor or sequence of float
-        1-D strictly increasing output times; every one is hit exactly by a step.
-    method : str, default "dopri5"
+        1-D strictly increasing or strictly decreasing output times (a decreasing
+        ``t`` integrates backwards, solved in ``s = -t``); every one is hit exactly by
+        a step.  A single time returns ``y0[None]``.
+    method : str or None, default None (``"dopri5"``)
         See :func:`pnode.methods`; also ``"rk:<TSRKType>"``, ``"arkimex:<type>"``.
-    rtol, atol : float
+    rtol, atol : float or one-element Tensor
         Tolerances of adaptive methods (PETSc TSAdapt).
     options : dict, optional
         ``step_size`` (fixed steps), ``first_step``, ``max_num_steps``,
@@ -477,10 +479,22 @@ def odeint(
         (matrix-free linear solves, default 1e-12), ``snes_rtol`` (default 1e-10),
         ``jacobian_lag`` (forward Newton recomputes the Jacobian every that many
         iterations of a stage solve; default 100, i.e. once per stage; the adjoint
-        always uses exact stage Jacobians).
+        always uses exact stage Jacobians).  torchdiffeq's options (``min_step``,
+        ``max_step``, ``safety``, ``ifactor``, ``dfactor``, ``jump_t``, ``step_t``,
+        ``grid_constructor``, ``max_iters``, ...) map onto PETSc as the migration
+        guide's table says.
+    event_fn : callable, optional
+        ``event_fn(t, y) -> Tensor``: integrate until it changes sign and return
+        ``(event_t, solution)`` (``t = [t0]`` or ``[t0, t1]``, ``t1`` giving the
+        direction); see :func:`pnode.odeint_event`.
+    adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options
+        torchdiffeq's backward-solve settings: accepted, no effect (the gradient is the
+        exact adjoint of the forward scheme); a one-time warning where torchdiffeq's
+        result would differ.
     adjoint_params : sequence of Tensor, optional
         Tensors to differentiate; by default the parameters of ``func`` if it
-        is (or is bound to) an ``nn.Module``.
+        is (or is bound to) an ``nn.Module``, otherwise the leaf tensors requiring
+        grad that ``func(t[0], y0)`` depends on (found from its autograd graph).
     checkpoint : str or Checkpoint, default "stages"
         ``"stages"``/``"all"``: keep states and stage values; ``"solution"``:
         keep states, recompute stages in the adjoint; ``"graph"`` (explicit methods):
@@ -514,13 +528,16 @@ def odeint(
     Returns
     -------
     Tensor or tuple of Tensors
-        ``[len(t), *y0.shape]`` (a tuple for a tuple ``y0``).
+        ``[len(t), *y0.shape]`` (a tuple for a tuple ``y0``); with ``event_fn``,
+        ``(event_t, solution)``.
 
     Raises
     ------
     ValueError
-        Bad input: NaN/Inf, wrong shapes, non-increasing times, unknown method
-        or option, IMEX with a non-IMEX method, ``func`` returning a wrong shape.
+        Bad input: NaN/Inf, wrong shapes, repeated times or a change of direction
+        in ``t``, unknown method or option (torchdiffeq's options are translated, see
+        the migration guide), IMEX with a non-IMEX method, ``func`` returning a wrong
+        shape, an ``event_fn`` with the wrong signature.
     pnode.SolverError
         The forward or adjoint solve failed (divergence, NaN, step-size
         underflow, max steps, Newton failure); carries ``.t`` and ``.reason``.
