@@ -78,6 +78,10 @@ def _number(value: Any, name: str, *, low: float, high: float = math.inf,
 
 def tolerance(value: Any, name: str) -> float:
     """``rtol``/``atol`` as a float: a positive number or a one-element tensor."""
+    if isinstance(value, (tuple, list)):
+        raise ValueError(f"{name} given per part of a tuple state ({value!r}) is not supported: "
+                         "PETSc's TSAdapt here takes one scalar tolerance; pass the tightest "
+                         "one, or rescale the parts of the state")
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar (a number or a one-element tensor), got a "

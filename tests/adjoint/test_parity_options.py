@@ -127,6 +127,9 @@ def test_tolerances_as_tensors():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="per-component"):
         pnode.odeint(_field, torch.ones(2, dtype=torch.float64), T, rtol=torch.ones(2))
+    with pytest.raises(ValueError, match="per part"):
+        pnode.odeint(lambda t, y: y, (torch.ones(2, dtype=torch.float64),) * 2, T,
+                     atol=(1e-6, 1e-8))
 
 
 def test_adjoint_keywords_warn_once_and_change_nothing():
