@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-import threading
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,10 +12,11 @@ import torch
 from torch import nn
 
 from . import compat, dae
+from .cache import CACHE, Lease
 from .callbacks import AdjointCallbacks, StepCallbacks
 from .checkpoint import Checkpoint
 from .distributed import Distributed, agree, as_comm
-from .function import Lease, OdeintFunction
+from .function import OdeintFunction
 from .methods import Method, resolve_method
 from .problem import TorchProblem
 from .solver import DENSE_JACOBIAN_MAX, SolveOptions, SolveStats, TSSolver
@@ -61,21 +59,6 @@ class IMEX:
         return fi + fe
 
 
-# ---------------------------------------------------------------------------------------
-# Solver cache: TS objects are reused across calls with the same func, state layout,
-# parameters layout, method and options.  Pools hold no reference to func between calls,
-# so they disappear with it.
-# ---------------------------------------------------------------------------------------
-_lock = threading.RLock()
-_pools: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_uncached: list[TSSolver] = []
-# Collective solvers waiting for a collective destruction, by creation number (the same on
-# every rank: they are created by collective odeint calls, in the same order).
-_graveyard: dict[int, TSSolver] = {}
-_collective_created = itertools.count()
-_last: dict[str, TSSolver] = {}
-
-
 def _owner(func: Callable) -> tuple[Any, Any]:
     """Object whose lifetime scopes the cache entry, and a key part naming the function."""
     base = func.base if isinstance(func, (Reversed, _ReversedIMEX)) else None
@@ -87,46 +70,20 @@ def _owner(func: Callable) -> tuple[Any, Any]:
     return func, None
 
 
-def _destroy(solver: TSSolver) -> None:
-    """Destroy a solver's PETSc objects, or, for a collective one, schedule that.
-
-    Destroying objects that live on a multi-rank communicator is collective, but
-    the moment a pool dies (garbage collection of its func) differs between
-    ranks; collective solvers therefore wait in ``_graveyard`` until a collective
-    odeint call, where the ranks agree on which to destroy (see :func:`_bury`).
-    """
-    if solver.dist is None:
-        solver.destroy()
-    else:
-        with _lock:
-            _graveyard[solver.seq] = solver
-
-
-def _bury(agreed: set[int]) -> None:
-    """Destroy the collective solvers every rank has scheduled, in creation order."""
-    with _lock:
-        doomed = [_graveyard.pop(seq) for seq in sorted(agreed)]
-    for solver in doomed:
-        solver.destroy()
-
-
-def _destroy_pool(pool: dict) -> None:
-    for solvers in pool.values():
-        for s in solvers:
-            _destroy(s)
-
-
 def clear_cache() -> None:
-    """Destroy every cached PETSc solver (they are rebuilt on demand)."""
-    with _lock:
-        for pool in list(_pools.values()):
-            _destroy_pool(pool)
-        _pools.clear()
+    """Destroy every cached PETSc solver (they are rebuilt on demand).
+
+    Solvers are cached per ``func`` and layout, at most
+    :data:`~pnode.adjoint.cache.MAX_SOLVERS_PER_FUNC` (16) per ``func``, the least
+    recently used evicted first; an idle one holds no trajectory.  Clearing is only
+    needed to free their (small) PETSc objects early.
+    """
+    CACHE.clear()
 
 
 def last_stats() -> SolveStats | None:
     """Statistics of the most recent solve in this process (see :class:`SolveStats`)."""
-    solver = _last.get("solver")
+    solver = CACHE.last
     return None if solver is None else solver.stats
 
 
@@ -179,10 +136,7 @@ class _Call:
         explicit, implicit = self._parts()
         prob = TorchProblem(self.spec, self.params, explicit=explicit, implicit=implicit,
                             jacobian=self.jacobian)
-        solver = TSSolver(prob, self.method, self.opts, self.dist)
-        if self.dist is not None:
-            solver.seq = next(_collective_created)
-        return solver
+        return TSSolver(prob, self.method, self.opts, self.dist)
 
     def _bind(self, solver: TSSolver) -> None:
         explicit, implicit = self._parts()
@@ -195,35 +149,14 @@ class _Call:
         prob.mass = self.mass
 
     def acquire(self, record: bool) -> Lease:
+        """Lease a solver for this call from the cache (built on a miss)."""
         owner, fkey = _owner(self.func)
-        key = (fkey, *self.key)
-        solver = None
-        with _lock:
-            try:
-                pool = _pools.setdefault(owner, {})
-            except TypeError:  # not weak-referenceable: no caching
-                pool = None
-            if pool is not None:
-                for s in pool.get(key, ()):
-                    if not s.busy and not s.broken:
-                        solver = s
-                        break
-            if solver is None:
-                solver = self._new_solver()
-                if pool is not None:
-                    solver.pool = pool.setdefault(key, [])
-                    solver.pool.append(solver)
-                    if len(pool) == 1:
-                        weakref.finalize(owner, _destroy_pool, pool)
-                else:
-                    _uncached.append(solver)
-            solver.busy = True
-        self._bind(solver)
-        _last["solver"] = solver
-        return Lease(solver, _release)
+        lease = CACHE.acquire(owner, (fkey, *self.key), self._new_solver)
+        self._bind(lease.solver)
+        return lease
 
     def solver_stats(self) -> SolveStats | None:
-        solver = _last.get("solver")
+        solver = CACHE.last
         return None if solver is None else solver.stats
 
     def time_gradient(self, t: torch.Tensor, ys: torch.Tensor, g: torch.Tensor,
@@ -259,25 +192,6 @@ class _Call:
             out.append(flat[i:i + p.numel()].view_as(p).to(p.dtype))
             i += p.numel()
         return out
-
-
-def _release(solver: TSSolver) -> None:
-    """Return a solver to its pool, dropping every reference to the caller's func."""
-    prob = solver.problem
-    for part in (prob.explicit, prob.implicit):
-        if part is not None:
-            part.func = part.point = part.last_point = None
-    prob.params = ()
-    prob.keep_graphs(False)
-    solver.busy = False
-    if solver in _uncached:
-        _uncached.remove(solver)
-        _destroy(solver)
-    elif solver.broken:
-        with _lock:
-            if solver.pool is not None and solver in solver.pool:
-                solver.pool.remove(solver)
-        _destroy(solver)
 
 
 # ---------------------------------------------------------------------------------------
@@ -430,6 +344,35 @@ def _build_options(method: Method, rtol, atol, options, checkpoint, petsc_option
         snes_rtol=float(options.get("snes_rtol", 1e-10)), petsc_options=popts,
         jacobian_lag=lag,
     )
+
+
+def _prepare_collective(dist: Distributed, prepare: Callable[[], tuple | None]
+                        ) -> tuple[tuple | None, tuple]:
+    """``prepare()`` on every rank of a collective call, and the agreement that follows.
+
+    One allgather carries every rank's verdict (an input error on one rank raises on
+    all), its layout (every rank's shard size) and its solver cache's collective
+    state (the collective solvers every rank has given up are destroyed here).
+    ``prepare()`` returns ``None`` for a single output time (nothing to solve).
+    """
+    def prepare_and_describe():
+        prepared = prepare()
+        if prepared is None:
+            return prepared, (None, CACHE.collective_state())
+        m, opts, params, spec, _, t_out, _ = prepared
+        # the checkpoint directory may differ between ranks (node-local scratch)
+        ck = opts.checkpoint
+        same = (dataclasses.replace(opts, checkpoint=Checkpoint("stages")), ck.agreement_key())
+        return prepared, (dist.layout(spec, t_out, m.name, params, same), CACHE.collective_state())
+
+    prepared, payloads = agree(dist.comm, prepare_and_describe, gather=True)
+    CACHE.agree(state for _, state in payloads)
+    if any(layout is None for layout, _ in payloads):
+        if prepared is not None:
+            raise ValueError("t holds one time on some ranks but not on others; every rank "
+                             "of comm must pass the same times")
+        return prepared, ()
+    return prepared, dist.shard_sizes([layout for layout, _ in payloads])
 
 
 def odeint(
@@ -641,30 +584,9 @@ def _odeint(func, y0, t, *, adjoint_params, checkpoint, comm, mass, step_hooks=(
         return _prepare(fronts[-1], func, y0, adjoint_params, checkpoint, mass, dist)
 
     if dist is None:
-        prepared = prepare()
-        shards: tuple[int, ...] = ()
+        prepared, shards = prepare(), ()
     else:  # every rank checks; one allgather shares the verdicts and the layouts
-        def prepare_and_describe():
-            prepared = prepare()
-            with _lock:
-                scheduled = frozenset(_graveyard)
-            if prepared is None:
-                return prepared, (None, scheduled)
-            m, opts, params, spec, _, t_out, _ = prepared
-            # the checkpoint directory may differ between ranks (node-local scratch)
-            ck = opts.checkpoint
-            same = (dataclasses.replace(opts, checkpoint=Checkpoint("stages")), ck.agreement_key())
-            return prepared, (dist.layout(spec, t_out, m.name, params, same), scheduled)
-
-        prepared, payloads = agree(dist.comm, prepare_and_describe, gather=True)
-        if any(layout is None for layout, _ in payloads):
-            if prepared is not None:
-                raise ValueError("t holds one time on some ranks but not on others; every rank "
-                                 "of comm must pass the same times")
-        else:
-            shards = dist.shard_sizes([layout for layout, _ in payloads])
-        # destroy the collective solvers that every rank has given up, all at this point
-        _bury(frozenset.intersection(*(scheduled for _, scheduled in payloads)))
+        prepared, shards = _prepare_collective(dist, prepare)
     if prepared is None:  # as torchdiffeq: the solution at a single time t[0] is y0
         tensors = fronts[-1].tensors
         if isinstance(y0, (tuple, list)):
