@@ -36,13 +36,23 @@ class StepLog:
     def __init__(self) -> None:
         self.steps: list[tuple[int, float]] = []
         self.grid: list[float] = []
+        # hook(ts, step, t, u) at the start and after each accepted step of a forward solve
+        # (event search, torchdiffeq-style step callbacks); set by the caller per solve
+        self.hooks: list = []
+        self._at_start = False
 
     def start(self, t0: float) -> None:
         self.steps = [(0, t0)]
+        self._at_start = True
 
     def monitor(self, ts, step, t, u) -> None:
-        if step > self.steps[-1][0]:
+        new = step > self.steps[-1][0]
+        if new:
             self.steps.append((step, t))
+        if self.hooks and (new or (step == 0 and self._at_start)):
+            self._at_start = False
+            for hook in self.hooks:
+                hook(ts, step, t, u)
 
     def to_next_output(self, ts) -> None:
         """Post-step: the next step ends at the next output time."""
@@ -106,7 +116,9 @@ def _first_step(solver: TSSolver, tt: list[float], y0: torch.Tensor) -> None:
             ts.setPostStep(solver.log.to_next_output)
     else:
         h0 = opts.first_step or _initial_step(solver, tt[0], y0, tt[-1] - tt[0])
-        ts.setTimeStep(min(h0, tt[1] - tt[0]))
+        # TSAdapt clamps the steps it chooses, not the first one: options['max_step']
+        dt_max = float(dict(opts.petsc_options).get("ts_adapt_dt_max", "inf"))
+        ts.setTimeStep(min(h0, tt[1] - tt[0], dt_max))
 
 
 def _initial_step(solver: TSSolver, t0: float, y0: torch.Tensor, span: float) -> float:

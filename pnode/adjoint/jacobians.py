@@ -48,13 +48,18 @@ def dense_jacobian(xr: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     retained, so the parameter products PETSc asks for next at the same stage
     reuse it.
     """
+    if not out.requires_grad:  # f independent of y (and the parameters): a zero block
+        return torch.zeros(out.numel(), xr.numel(), dtype=torch.float64)
     eye = torch.eye(out.numel(), dtype=out.dtype)
     if out.numel() <= ROW_LOOP_MAX:
         return torch.stack([_row(out, xr, e) for e in eye]).to(torch.float64)
     try:
-        (jac,) = torch.autograd.grad(out, xr, eye, retain_graph=True, is_grads_batched=True)
+        (jac,) = torch.autograd.grad(out, xr, eye, retain_graph=True, is_grads_batched=True,
+                                     allow_unused=True)
     except RuntimeError:  # an op without a batching rule: one vjp per row
-        jac = torch.stack([torch.autograd.grad(out, xr, e, retain_graph=True)[0] for e in eye])
+        jac = torch.stack([_row(out, xr, e) for e in eye])
+    if jac is None:  # out depends on t or the parameters only
+        return torch.zeros(out.numel(), xr.numel(), dtype=torch.float64)
     return jac.to(torch.float64)
 
 
@@ -76,7 +81,12 @@ def block_jacobian(xr: torch.Tensor, out: torch.Tensor, batch: int, check: bool)
     """
     d = out.numel() // batch
     seeds = torch.eye(d, dtype=out.dtype).unsqueeze(1).expand(d, batch, d).reshape(d, -1)
-    (rows,) = torch.autograd.grad(out, xr, seeds, retain_graph=True, is_grads_batched=True)
+    rows = None
+    if out.requires_grad:
+        (rows,) = torch.autograd.grad(out, xr, seeds, retain_graph=True, is_grads_batched=True,
+                                      allow_unused=True)
+    if rows is None:  # f independent of y: zero blocks (nothing to couple the samples)
+        return torch.zeros(batch, d, d, dtype=torch.float64)
     blocks = rows.reshape(d, batch, d).transpose(0, 1).to(torch.float64)  # [B, i, j] = df_i/dx_j
     if check:
         v = torch.randn(out.numel(), dtype=out.dtype)

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import dae
+from . import compat, dae
 from .cache import CACHE, Lease
+from .callbacks import AdjointCallbacks, StepCallbacks
 from .checkpoint import Checkpoint
 from .distributed import Distributed, agree, as_comm
 from .function import OdeintFunction
@@ -20,6 +21,7 @@ from .methods import Method, resolve_method
 from .problem import TorchProblem
 from .solver import DENSE_JACOBIAN_MAX, SolveOptions, SolveStats, TSSolver
 from .state import StateSpec
+from .timegrid import Reversed, check_times, merge_times
 
 __all__ = ["odeint", "IMEX", "last_stats", "clear_cache"]
 
@@ -59,6 +61,10 @@ class IMEX:
 
 def _owner(func: Callable) -> tuple[Any, Any]:
     """Object whose lifetime scopes the cache entry, and a key part naming the function."""
+    base = func.base if isinstance(func, (Reversed, _ReversedIMEX)) else None
+    if base is not None:  # a reverse-time solve: cached with the user's func, keyed apart
+        owner, key = _owner(base)
+        return owner, ("reversed", key)
     if hasattr(func, "__self__") and hasattr(func, "__func__"):  # bound method
         return func.__self__, func.__func__
     return func, None
@@ -90,6 +96,8 @@ class _Call:
         self.func, self.spec, self.params, self.method, self.opts = func, spec, params, method, opts
         self.mass = mass
         self.dist = dist
+        self.step_hooks: list = []  # hook(ts, step, t, u) at each step of the forward solve
+        self.adjoint_callbacks = None  # callbacks.AdjointCallbacks (func.callback_*_adjoint)
         self.record = True  # a backward pass may follow (set by odeint)
         self.imex = isinstance(func, IMEX)
         if opts.jacobian == "auto":
@@ -146,6 +154,10 @@ class _Call:
         lease = CACHE.acquire(owner, (fkey, *self.key), self._new_solver)
         self._bind(lease.solver)
         return lease
+
+    def solver_stats(self) -> SolveStats | None:
+        solver = CACHE.last
+        return None if solver is None else solver.stats
 
     def time_gradient(self, t: torch.Tensor, ys: torch.Tensor, g: torch.Tensor,
                       grad_y0: torch.Tensor) -> torch.Tensor:
@@ -211,23 +223,18 @@ def _check_state(y0) -> tuple[torch.Tensor, ...]:
     return tensors
 
 
-def _check_times(t) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(t, dtype=torch.float64)
-    if t.dim() != 1:
-        raise ValueError(f"t must be 1-D, got shape {tuple(t.shape)}")
-    if t.numel() < 2:
-        raise ValueError("t must hold at least two times (start and end)")
-    if not t.is_floating_point():
-        t = t.to(torch.float64)
-    _check_finite(t, "t")
-    if not bool((t[1:] > t[:-1]).all()):
-        raise ValueError(f"t must be strictly increasing, got {t.tolist()}")
-    return t
+def _collect_params(func, adjoint_params, probe: tuple | None = None) -> list[torch.Tensor]:
+    """The tensors to differentiate: ``adjoint_params``, the parameters of an ``nn.Module``
+    func, or, for any other callable, the leaf tensors its output depends on.
 
-
-def _collect_params(func, adjoint_params) -> list[torch.Tensor]:
+    ``probe`` is ``(t0, y0)``: a func that is not a module (a lambda or closure over a
+    network, the pattern torchdiffeq's adjoint refuses) is evaluated there once and its
+    autograd graph searched for the leaves that require grad, so they are not silently
+    missed.  ``None`` (no backward can follow): no probe.
+    """
     if adjoint_params is not None:
+        if isinstance(adjoint_params, torch.Tensor):
+            adjoint_params = (adjoint_params,)
         params = list(adjoint_params)
         for p in params:
             if not isinstance(p, torch.Tensor):
@@ -237,15 +244,45 @@ def _collect_params(func, adjoint_params) -> list[torch.Tensor]:
         params, seen = [], set()
         for m in mods:
             owner = m.__self__ if hasattr(m, "__self__") else m
-            if isinstance(owner, nn.Module):
-                for p in owner.parameters():
-                    if id(p) not in seen:
-                        seen.add(id(p))
-                        params.append(p)
+            found = owner.parameters() if isinstance(owner, nn.Module) else \
+                _closure_leaves(m, probe) if probe is not None else ()
+            for p in found:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
     params = [p for p in params if p.requires_grad]
     for p in params:
         _check_finite(p.detach(), "a parameter of func")
     return params
+
+
+def _closure_leaves(func, probe: tuple) -> list[torch.Tensor]:
+    """Leaf tensors requiring grad that ``func(t0, y0)`` reaches (in a fixed graph order)."""
+    t0, y0 = probe
+    is_tuple = isinstance(y0, (tuple, list))
+    ys = tuple(y.detach().requires_grad_(True) for y in (y0 if is_tuple else (y0,)))
+    mine = {id(y) for y in ys}
+    with torch.enable_grad():
+        out = func(t0.detach(), ys if is_tuple else ys[0])
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    stack = [o.grad_fn for o in reversed(outs) if isinstance(o, torch.Tensor) and o.grad_fn]
+    seen, leaves = set(), []
+    for o in outs:  # func may return a leaf parameter itself
+        if isinstance(o, torch.Tensor) and o.requires_grad and o.grad_fn is None \
+                and id(o) not in mine:
+            leaves.append(o)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if var is not None:
+            if id(var) not in mine:
+                leaves.append(var)
+            continue
+        stack.extend(nxt for nxt, _ in reversed(node.next_functions))
+    return leaves
 
 
 def _build_options(method: Method, rtol, atol, options, checkpoint, petsc_options,
@@ -257,7 +294,8 @@ def _build_options(method: Method, rtol, atol, options, checkpoint, petsc_option
     options = dict(options or {})
     unknown = set(options) - _KNOWN_OPTIONS
     if unknown:
-        raise ValueError(f"unknown options {sorted(unknown)}; valid keys: {sorted(_KNOWN_OPTIONS)}")
+        raise ValueError(f"unknown options {sorted(unknown)}; valid keys: "
+                         f"{sorted(_KNOWN_OPTIONS | compat.TORCHDIFFEQ_OPTIONS)}")
     step = options.get("step_size")
     if step is not None and not (isinstance(step, (int, float)) and step > 0 and math.isfinite(step)):
         raise ValueError(f"options['step_size'] must be a positive number, got {step!r}")
@@ -308,25 +346,33 @@ def _build_options(method: Method, rtol, atol, options, checkpoint, petsc_option
     )
 
 
-def _prepare_collective(dist: Distributed, prepare: Callable[[], tuple]) -> tuple[tuple, tuple]:
+def _prepare_collective(dist: Distributed, prepare: Callable[[], tuple | None]
+                        ) -> tuple[tuple | None, tuple]:
     """``prepare()`` on every rank of a collective call, and the agreement that follows.
 
     One allgather carries every rank's verdict (an input error on one rank raises on
     all), its layout (every rank's shard size) and its solver cache's collective
     state (the collective solvers every rank has given up are destroyed here).
+    ``prepare()`` returns ``None`` for a single output time (nothing to solve).
     """
     def prepare_and_describe():
         prepared = prepare()
-        m, opts, params, spec, _, t_out = prepared
+        if prepared is None:
+            return prepared, (None, CACHE.collective_state())
+        m, opts, params, spec, _, t_out, _ = prepared
         # the checkpoint directory may differ between ranks (node-local scratch)
         ck = opts.checkpoint
         same = (dataclasses.replace(opts, checkpoint=Checkpoint("stages")), ck.agreement_key())
         return prepared, (dist.layout(spec, t_out, m.name, params, same), CACHE.collective_state())
 
     prepared, payloads = agree(dist.comm, prepare_and_describe, gather=True)
-    shards = dist.shard_sizes([layout for layout, _ in payloads])
     CACHE.agree(state for _, state in payloads)
-    return prepared, shards
+    if any(layout is None for layout, _ in payloads):
+        if prepared is not None:
+            raise ValueError("t holds one time on some ranks but not on others; every rank "
+                             "of comm must pass the same times")
+        return prepared, ()
+    return prepared, dist.shard_sizes([layout for layout, _ in payloads])
 
 
 def odeint(
@@ -334,10 +380,15 @@ def odeint(
     y0: torch.Tensor | Sequence[torch.Tensor],
     t: torch.Tensor | Sequence[float],
     *,
-    method: str = "dopri5",
-    rtol: float = 1e-7,
-    atol: float = 1e-9,
+    rtol: float | torch.Tensor = 1e-7,
+    atol: float | torch.Tensor = 1e-9,
+    method: str | None = None,
     options: Mapping[str, Any] | None = None,
+    event_fn: Callable | None = None,
+    adjoint_rtol: float | torch.Tensor | None = None,
+    adjoint_atol: float | torch.Tensor | None = None,
+    adjoint_method: str | None = None,
+    adjoint_options: Mapping[str, Any] | None = None,
     adjoint_params: Sequence[torch.Tensor] | None = None,
     checkpoint: str | Checkpoint = "stages",
     petsc_options: Mapping[str, Any] | None = None,
@@ -358,10 +409,12 @@ def odeint(
     y0 : Tensor or tuple of Tensors
         Initial state (float32 or float64, CPU).
     t : Tensor or sequence of float
-        1-D strictly increasing output times; every one is hit exactly by a step.
-    method : str, default "dopri5"
+        1-D strictly increasing or strictly decreasing output times (a decreasing
+        ``t`` integrates backwards, solved in ``s = -t``); every one is hit exactly by
+        a step.  A single time returns ``y0[None]``.
+    method : str or None, default None (``"dopri5"``)
         See :func:`pnode.methods`; also ``"rk:<TSRKType>"``, ``"arkimex:<type>"``.
-    rtol, atol : float
+    rtol, atol : float or one-element Tensor
         Tolerances of adaptive methods (PETSc TSAdapt).
     options : dict, optional
         ``step_size`` (fixed steps), ``first_step``, ``max_num_steps``,
@@ -372,10 +425,22 @@ def odeint(
         (matrix-free linear solves, default 1e-12), ``snes_rtol`` (default 1e-10),
         ``jacobian_lag`` (forward Newton recomputes the Jacobian every that many
         iterations of a stage solve; default 100, i.e. once per stage; the adjoint
-        always uses exact stage Jacobians).
+        always uses exact stage Jacobians).  torchdiffeq's options (``min_step``,
+        ``max_step``, ``safety``, ``ifactor``, ``dfactor``, ``jump_t``, ``step_t``,
+        ``grid_constructor``, ``max_iters``, ...) map onto PETSc as the migration
+        guide's table says.
+    event_fn : callable, optional
+        ``event_fn(t, y) -> Tensor``: integrate until it changes sign and return
+        ``(event_t, solution)`` (``t = [t0]`` or ``[t0, t1]``, ``t1`` giving the
+        direction); see :func:`pnode.odeint_event`.
+    adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options
+        torchdiffeq's backward-solve settings: accepted, no effect (the gradient is the
+        exact adjoint of the forward scheme); a one-time warning where torchdiffeq's
+        result would differ.
     adjoint_params : sequence of Tensor, optional
         Tensors to differentiate; by default the parameters of ``func`` if it
-        is (or is bound to) an ``nn.Module``.
+        is (or is bound to) an ``nn.Module``, otherwise the leaf tensors requiring
+        grad that ``func(t[0], y0)`` depends on (found from its autograd graph).
     checkpoint : str or Checkpoint, default "stages"
         ``"stages"``/``"all"``: keep states and stage values; ``"solution"``:
         keep states, recompute stages in the adjoint; ``"graph"`` (explicit methods):
@@ -410,13 +475,16 @@ def odeint(
     Returns
     -------
     Tensor or tuple of Tensors
-        ``[len(t), *y0.shape]`` (a tuple for a tuple ``y0``).
+        ``[len(t), *y0.shape]`` (a tuple for a tuple ``y0``); with ``event_fn``,
+        ``(event_t, solution)``.
 
     Raises
     ------
     ValueError
-        Bad input: NaN/Inf, wrong shapes, non-increasing times, unknown method
-        or option, IMEX with a non-IMEX method, ``func`` returning a wrong shape.
+        Bad input: NaN/Inf, wrong shapes, repeated times or a change of direction
+        in ``t``, unknown method or option (torchdiffeq's options are translated, see
+        the migration guide), IMEX with a non-IMEX method, ``func`` returning a wrong
+        shape, an ``event_fn`` with the wrong signature.
     pnode.SolverError
         The forward or adjoint solve failed (divergence, NaN, step-size
         underflow, max steps, Newton failure); carries ``.t`` and ``.reason``.
@@ -430,43 +498,154 @@ def odeint(
     >>> ys.shape
     torch.Size([5, 8, 2])
     """
+    if event_fn is not None:
+        from .events import odeint_until_event
+
+        return odeint_until_event(
+            func, y0, t, event_fn=event_fn, rtol=rtol, atol=atol, method=method, options=options,
+            adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
+            adjoint_options=adjoint_options, adjoint_params=adjoint_params, checkpoint=checkpoint,
+            petsc_options=petsc_options, comm=comm, mass=mass)
+    return _odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+                   adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
+                   adjoint_method=adjoint_method, adjoint_options=adjoint_options,
+                   adjoint_params=adjoint_params, checkpoint=checkpoint,
+                   petsc_options=petsc_options, comm=comm, mass=mass)
+
+
+@dataclass
+class _Front:
+    """The checked, normalised arguments of one odeint call (the input stage)."""
+
+    field: Callable  # func, or func in s = -t for a decreasing t
+    tensors: tuple[torch.Tensor, ...]
+    times: Any  # timegrid.Times
+    method: Method
+    rtol: float
+    atol: float
+    translated: compat.Translated
+    petsc_options: Any
+
+
+def _front(func, y0, t, *, rtol, atol, method, options, adjoint_rtol, adjoint_atol,
+           adjoint_method, adjoint_options, petsc_options, event: bool = False) -> _Front:
+    """Check every argument and translate torchdiffeq's keywords (no solve)."""
+    if not callable(func):
+        raise TypeError(f"func must be callable, got {type(func).__name__}")
+    tensors = _check_state(y0)
+    times = check_times(t, event=event)
+    m = resolve_method(method)
+    rtol, atol = compat.tolerance(rtol, "rtol"), compat.tolerance(atol, "atol")
+    compat.check_adjoint_keywords(method=m, rtol=rtol, atol=atol, adjoint_rtol=adjoint_rtol,
+                                  adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
+                                  adjoint_options=adjoint_options)
+    tr = compat.translate_options(options, m, reverse=times.reverse)
+    if tr.petsc and (petsc_options is None or isinstance(petsc_options, Mapping)):
+        petsc_options = {**tr.petsc, **(petsc_options or {})}  # the caller's values win
+    return _Front(reverse_field(func) if times.reverse else func, tensors, times, m, rtol, atol,
+                  tr, petsc_options)
+
+
+def reverse_field(func: Callable) -> Callable:
+    """``func`` in ``s = -t``: ``g(s, y) = -func(-s, y)`` (both parts of an IMEX split)."""
+    if isinstance(func, IMEX):
+        return _ReversedIMEX(implicit=Reversed(func.implicit), explicit=Reversed(func.explicit),
+                             base=func)
+    return Reversed(func)
+
+
+@dataclass(frozen=True)
+class _ReversedIMEX(IMEX):
+    base: Any = None
+
+
+def _extra_times(front: _Front, func, y0) -> list[float]:
+    """Times where steps must end besides the outputs (jump_t, step_t, a fixed grid)."""
+    extra = list(front.translated.step_ends)
+    grid = front.translated.grid
+    if grid is not None:
+        g = grid(func, y0, front.times.t)
+        if not isinstance(g, torch.Tensor) or g.dim() != 1:
+            raise ValueError("options['grid_constructor'] must return a 1-D tensor of times")
+        g = g.detach().to(torch.float64)
+        extra.extend((-g if front.times.reverse else g).tolist())
+    return extra
+
+
+def _odeint(func, y0, t, *, adjoint_params, checkpoint, comm, mass, step_hooks=(), **front_kw):
+    """odeint without events (see :func:`odeint`): check, normalise, solve."""
     mpi = as_comm(comm)
     dist = Distributed(mpi) if mpi is not None and mpi.Get_size() > 1 else None
-    (options, dae_init), mass_info = dae.split_options(options), [None]
+    fronts: list[_Front] = []
 
     def prepare():
-        # 1. check inputs
-        if not callable(func):
-            raise TypeError(f"func must be callable, got {type(func).__name__}")
-        tensors = _check_state(y0)
-        tt = _check_times(t)
-        m = resolve_method(method)
-        opts = _build_options(m, rtol, atol, options, checkpoint, petsc_options,
-                              isinstance(func, IMEX))
-        params = _collect_params(func, adjoint_params)
-
-        # 2. normalise: flat state, times in the state's dtype for func
-        spec = StateSpec.from_state(y0 if isinstance(y0, (tuple, list)) else tensors[0])
-        flat = spec.flatten(tuple(tensors) if spec.is_tuple else tensors[0])
-        t_out = tt.to(spec.dtype) if tt.dtype != spec.dtype else tt
-        # DAE: validate the mass, check (or make) y0 consistent (pnode/adjoint/dae.py)
-        mass_info[0], flat, params = dae.prepare_mass(
-            mass, func, spec, flat, t_out, m, opts, imex=isinstance(func, IMEX),
-            consistent_init=dae_init, params=params, collective=dist is not None)
-        opts = dae.solve_options(mass_info[0], m, opts)
-        return m, opts, params, spec, flat, t_out
+        fronts.append(_front(func, y0, t, **front_kw))
+        if fronts[-1].times.t.numel() == 1:
+            return None
+        return _prepare(fronts[-1], func, y0, adjoint_params, checkpoint, mass, dist)
 
     if dist is None:
-        (m, opts, params, spec, flat, t_out), shards = prepare(), ()
+        prepared, shards = prepare(), ()
     else:  # every rank checks; one allgather shares the verdicts and the layouts
-        (m, opts, params, spec, flat, t_out), shards = _prepare_collective(dist, prepare)
+        prepared, shards = _prepare_collective(dist, prepare)
+    if prepared is None:  # as torchdiffeq: the solution at a single time t[0] is y0
+        tensors = fronts[-1].tensors
+        if isinstance(y0, (tuple, list)):
+            return tuple(torch.stack([y]) for y in tensors)
+        return torch.stack([tensors[0]])
 
-    # 3. solve
-    call = _Call(func, spec, params, m, opts, len(t_out), dist, shards, mass=mass_info[0])
+    m, opts, params, spec, flat, t_out, (mass_obj, index) = prepared
+    call = _Call(fronts[-1].field, spec, params, m, opts, len(t_out), dist, shards, mass=mass_obj)
+    call.step_hooks = list(step_hooks)
+    reverse, user_func = fronts[-1].times.reverse, func
+    fwd = StepCallbacks.of(user_func, spec, reverse, m.adaptive and opts.step_size is None,
+                           t_out.detach().tolist())
+    if fwd is not None:
+        call.step_hooks.append(fwd.hook)
+    call.adjoint_callbacks = AdjointCallbacks.of(user_func, spec, reverse, params)
+    if call.adjoint_callbacks is not None:
+        if opts.checkpoint.replays:
+            raise ValueError("func defines callback_*_adjoint, which runs with checkpoint "
+                             "'stages', 'all' or 'solution'; a binomial or disk schedule "
+                             "replays steps out of order")
+        call.step_hooks.append(call.adjoint_callbacks.record)
     # Inside autograd.Function.forward grad mode is off and needs_input_grad ignores
     # torch.no_grad(), so whether a backward can follow is decided here: under no_grad
     # no trajectory is kept (it would cost memory in proportion to the steps).
     call.record = torch.is_grad_enabled() and (
         flat.requires_grad or t_out.requires_grad or any(p.requires_grad for p in params))
     ys = OdeintFunction.apply(call, flat, t_out, *params)
+    if fwd is not None and fwd.error is not None:
+        raise fwd.error
+    if len(index) != len(t_out):  # drop the rows of step-end times that are not outputs
+        ys = ys[index]
+        stats = call.solver_stats()
+        if stats is not None:  # last_stats() describes the caller's outputs
+            stats.output_steps = [stats.output_steps[i] for i in index.tolist()]
     return spec.unflatten(ys)
+
+
+def _prepare(front: _Front, func, y0, adjoint_params, checkpoint, mass, dist):
+    """Options, parameters, flat state and engine times of a checked call."""
+    m, tensors = front.method, front.tensors
+    options, dae_init = dae.split_options(front.translated.options)
+    opts = _build_options(m, front.rtol, front.atol, options, checkpoint, front.petsc_options,
+                          isinstance(func, IMEX))
+    spec = StateSpec.from_state(y0 if isinstance(y0, (tuple, list)) else tensors[0])
+    tt = front.times.t
+    probe = None
+    if torch.is_grad_enabled():  # a backward may follow: find a closure's parameters
+        probe = (tt[0].detach().to(spec.dtype), tuple(tensors) if spec.is_tuple else tensors[0])
+    params = _collect_params(func, adjoint_params, probe)
+
+    # normalise: flat state, increasing times in the state's dtype, extra step ends
+    flat = spec.flatten(tuple(tensors) if spec.is_tuple else tensors[0])
+    ts_ = front.times.solver_t
+    t_out = ts_.to(spec.dtype) if ts_.dtype != spec.dtype else ts_
+    t_out, index = merge_times(t_out, _extra_times(front, func, y0))
+    # DAE: validate the mass, check (or make) y0 consistent (pnode/adjoint/dae.py)
+    mass_obj, flat, params = dae.prepare_mass(
+        mass, front.field, spec, flat, t_out, m, opts, imex=isinstance(func, IMEX),
+        consistent_init=dae_init, params=params, collective=dist is not None)
+    opts = dae.solve_options(mass_obj, m, opts)
+    return m, opts, params, spec, flat, t_out, (mass_obj, index)

@@ -375,11 +375,16 @@ class TorchProblem(_CallbackErrors):
         if v.dtype != out.dtype:
             v = v.to(out.dtype)
         inputs = ((xr,) if want_x else ()) + (self.params if want_p else ())
-        grads = _engine_grad(out, inputs, v, not last)
+        if out.requires_grad:
+            grads = _engine_grad(out, inputs, v, not last)
+        else:  # func depends on neither y nor the parameters: every block is zero
+            grads = (None,) * len(inputs)
         if last:
             pt.graph = None
         self.counters.vjp += 1
         gx = grads[0] if want_x else None
+        if want_x and gx is None:  # func does not depend on y (e.g. a forcing term)
+            gx = torch.zeros_like(xr)
         gps = (grads[1:] if want_x else grads) if want_p else None
         if want_p and observers.active():
             observers.notify(observers.VjpEvent(

@@ -76,6 +76,7 @@ class TSSolver:
         self.seg_steps: list[int] = []  # step index of each output time (last forward)
         self.eval_times: list[float] = []  # the output times of the last forward
         self.y0: torch.Tensor | None = None  # initial state kept for a schedule's replay
+        self.adjoint_callbacks = None  # callbacks.AdjointCallbacks of the running backward
         self.petsc = TSObjects(problem, method, opts, self.comm, fixed=self.fixed,
                                monitor=self.log.monitor)
         self.ts, self.x, self.lam, self.mu = self.petsc.ts, self.petsc.x, self.petsc.lam, \

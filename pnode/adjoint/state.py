@@ -55,11 +55,12 @@ class StateSpec:
 
     def unflatten(self, flat: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Views of ``flat`` in the state's structure (leading dims of ``flat`` kept)."""
-        lead = flat.shape[:-1]
+        lead = tuple(flat.shape[:-1])
+        # shapes as one tuple argument: a 0-d state would otherwise call view() with no size
         if not self.is_tuple:
-            return flat.view(*lead, *self.shapes[0])
+            return flat.view(lead + tuple(self.shapes[0]))
         parts = torch.split(flat, self.numels, dim=-1)
-        return tuple(p.view(*lead, *s) for p, s in zip(parts, self.shapes, strict=True))
+        return tuple(p.view(lead + tuple(s)) for p, s in zip(parts, self.shapes, strict=True))
 
     def check_output(self, out: object, where: str) -> torch.Tensor:
         """Validate ``func``'s output against the state structure and flatten it."""

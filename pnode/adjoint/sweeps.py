@@ -116,8 +116,7 @@ def segmented_sweep(solver: TSSolver, grad_ys: torch.Tensor) -> tuple[torch.Tens
     with AdjointSweep(solver, grad_ys) as sweep:
         for k in range(len(seg) - 1, 0, -1):
             if seg[k] > seg[k - 1]:
-                ts.adjointSetSteps(seg[k] - seg[k - 1])
-                ts.adjointSolve()
+                _adjoint_steps(solver, seg[k - 1], seg[k])
                 reason = ts.getConvergedReason()
                 failures.sync(solver, "adjoint", times[seg[k - 1]])
                 if solver.problem.error is not None or reason < 0:
@@ -126,6 +125,21 @@ def segmented_sweep(solver: TSSolver, grad_ys: torch.Tensor) -> tuple[torch.Tens
                                    "ill-conditioned Jacobian on the trajectory?)")
             sweep.add_output_gradient(k - 1)
     return sweep.finish()
+
+
+def _adjoint_steps(solver: TSSolver, lo: int, hi: int) -> None:
+    """TSAdjoint from step ``hi`` back to ``lo``; one step at a time for step callbacks."""
+    ts, cbs = solver.ts, solver.adjoint_callbacks
+    if cbs is None:
+        ts.adjointSetSteps(hi - lo)
+        ts.adjointSolve()
+        return
+    times = solver.stats.step_times
+    for j in range(hi, lo, -1):
+        cbs.before_step(solver, j, times[j], times[j - 1])
+        ts.adjointSetSteps(1)
+        ts.adjointSolve()
+        cbs.after_step()
 
 
 class ScheduledSweep:
