@@ -21,11 +21,10 @@ from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
 from ..adjoint.distributed import raise_together
-from ..errors import SolverError
+from .rmtr_cycle import _VCycle
+from .rmtr_levels import _NonFinite, _State, build_levels, reduced_eval, validate_options
+from .rmtr_state import load_state, save_state
 from .sampling import BatchSchedule
-from .sr1 import LSR1
-from .transfer import Transfer
-from .trust_region import TRSolution, solve_compact, steihaug_cg
 
 __all__ = ["RMTR", "History"]
 
@@ -58,10 +57,6 @@ _DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "progress": True,
 }
-
-
-class _NonFinite(Exception):
-    pass
 
 
 @dataclass
@@ -120,15 +115,6 @@ class History:
 
 
 @dataclass
-class _State:
-    x: torch.Tensor
-    f: float
-    g: torch.Tensor
-    correct: float = math.nan  # correctly classified samples of the batch (nan: not classification)
-    n: int = 0  # (global) number of samples the state was evaluated on
-
-
-@dataclass
 class _Run:
     """Everything one training run carries from iteration to iteration (see :meth:`RMTR.start`)."""
 
@@ -146,29 +132,7 @@ class _Run:
     iteration: int = 0
 
 
-class _Level:
-    """One level: a network, its L-SR1 model, radius and (coarse levels) the correction."""
-
-    def __init__(self, model: nn.Module, factor: float, memory: int, radius: float) -> None:
-        self.model = model
-        self.params = [p for p in model.parameters()]
-        self.factor = factor  # cost relative to the finest level
-        self.sr1 = LSR1(memory)
-        self.radius = radius
-        self.transfer: Transfer | None = None  # to the next finer level
-        self.v: torch.Tensor | None = None  # first-order correction R g - grad f(x0)
-        self.x0: torch.Tensor | None = None
-        self.budget = math.inf  # ||P (x - x0)|| allowed, in the finer level's norm
-
-    def load(self, x: torch.Tensor) -> None:
-        with torch.no_grad():
-            i = 0
-            for p in self.params:
-                p.copy_(x[i:i + p.numel()].view_as(p))
-                i += p.numel()
-
-
-class RMTR:
+class RMTR(_VCycle):
     """Recursive multilevel trust-region (RMTR) training of a forward-Euler ResNet.
 
     The finest level is the given network; level ``l`` below it has
@@ -248,30 +212,9 @@ class RMTR:
         if unknown:
             raise ValueError(f"Invalid options {sorted(unknown)}; valid options: {sorted(_DEFAULTS)}")
         self.options = {**_DEFAULTS, **options}
-        self._validate(self.options)
+        validate_options(self.options)
         self.model, self.loss_fn, self.n_levels = model, loss_fn, levels
-        o = self.options
-        models = [model]
-        if levels > 1:
-            if not (hasattr(model, "with_depth") and hasattr(model, "time_parameter_flags")):
-                raise TypeError("levels > 1 needs a pnode.multilevel.ResNet or ConvResNet (a network "
-                                "with with_depth() and time_parameter_flags()); use levels=1 otherwise")
-            depth, div = model.depth, 2 ** (levels - 1)
-            if depth % div:
-                raise ValueError(f"Invalid levels={levels} for depth {depth}: the depth must be divisible "
-                                 f"by 2**(levels-1) = {div}; use a depth that is a multiple of {div} "
-                                 f"or fewer levels")
-            for _ in range(levels - 1):
-                models.append(models[-1].with_depth(models[-1].depth // 2))
-        models.reverse()  # index 0 = coarsest
-        fine_depth = getattr(model, "depth", 1)
-        self.levels = [_Level(m, getattr(m, "depth", 1) / fine_depth, o["memory"], o["radius"])
-                       for m in models]
-        for lc, lf in zip(self.levels[:-1], self.levels[1:], strict=True):
-            lc.transfer = Transfer.between(lf.model, lc.model, prolongation=o["prolongation"],
-                                           restriction=o["restriction"],
-                                           dtype=next(model.parameters()).dtype)
-            lc.load(lc.transfer.restrict(parameters_to_vector(lf.params).detach()))
+        self.levels = build_levels(model, levels, self.options)
         self._comm = comm if comm is not None and comm.Get_size() > 1 else None
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._batch_n = 0  # samples in the batch over all ranks
@@ -281,104 +224,7 @@ class RMTR:
         self._accepted = 0
         self._top = levels - 1  # the level playing the finest one (nested iteration climbs up)
 
-    # -- options ------------------------------------------------------------------------
-    @staticmethod
-    def _validate(o: dict[str, Any]) -> None:
-        def positive(name, integer=False, zero=False):
-            v = o[name]
-            ok = isinstance(v, int) and not isinstance(v, bool) if integer else isinstance(v, (int, float))
-            if not ok or not (v >= 0 if zero else v > 0) or not math.isfinite(v):
-                kind = "int" if integer else "number"
-                raise ValueError(f"Invalid {name} {v!r}: pass a {'non-negative' if zero else 'positive'} "
-                                 f"{kind}")
-
-        for name in ("radius", "max_radius", "min_radius", "expand", "batch_growth"):
-            positive(name)
-        for name in ("pre_smoothing", "post_smoothing"):
-            positive(name, integer=True, zero=True)
-        for name in ("coarse_iterations", "memory", "max_iterations"):
-            positive(name, integer=True)
-        for name in ("gtol", "stall_tol", "kappa_g", "eps_budget"):
-            positive(name, zero=True)
-        if not 0 < o["eta1"] <= o["eta2"] < 1:
-            raise ValueError(f"Invalid eta1={o['eta1']!r}, eta2={o['eta2']!r}: need 0 < eta1 <= eta2 < 1")
-        if not 0 < o["shrink"] < 1:
-            raise ValueError(f"Invalid shrink {o['shrink']!r}: pass a number in (0, 1)")
-        if o["expand"] < 1 or o["batch_growth"] <= 1:
-            raise ValueError("Invalid expand/batch_growth: expand must be >= 1 and batch_growth > 1")
-        if o["radius"] > o["max_radius"] or o["min_radius"] >= o["radius"]:
-            raise ValueError("Invalid radii: need min_radius < radius <= max_radius")
-        if o["cycle"] not in ("V", "F"):
-            raise ValueError(f"Invalid cycle {o['cycle']!r}; choose 'V' or 'F'")
-        if not (isinstance(o["nested_window"], int) and o["nested_window"] >= 1):
-            raise ValueError(f"Invalid nested_window {o['nested_window']!r}: pass a positive int")
-        if not (isinstance(o["nested_max"], int) and o["nested_max"] >= 0):
-            raise ValueError(f"Invalid nested_max {o['nested_max']!r}: pass a non-negative int")
-        if not 0 <= o["nested_tol"] < 1:
-            raise ValueError(f"Invalid nested_tol {o['nested_tol']!r}: pass a number in [0, 1)")
-        if o["subproblem"] not in ("compact", "cg"):
-            raise ValueError(f"Invalid subproblem {o['subproblem']!r}; choose 'compact' or 'cg'")
-        if o["prolongation"] not in ("constant", "linear"):
-            raise ValueError(f"Invalid prolongation {o['prolongation']!r}; choose 'constant' or 'linear'")
-        if o["restriction"] not in ("average", "injection"):
-            raise ValueError(f"Invalid restriction {o['restriction']!r}; choose 'average' or 'injection'")
-        b = o["batch_size"]
-        if b is not None and not (isinstance(b, int) and not isinstance(b, bool) and b >= 1):
-            raise ValueError(f"Invalid batch_size {b!r}: a batch needs at least one sample; pass a "
-                             "positive int, or None for full batch")
-
     # -- objective ----------------------------------------------------------------------
-    def _local(self, model: nn.Module, params: list[nn.Parameter] | None, X: torch.Tensor,
-               y: torch.Tensor) -> tuple[float, torch.Tensor | None, float, bool]:
-        """Loss, gradient (when ``params``), correct predictions and a non-finite flag on this batch."""
-        try:
-            with torch.enable_grad() if params is not None else torch.no_grad():
-                out = model(X)
-                loss = self.loss_fn(out, y)
-                if not bool(torch.isfinite(loss)):
-                    return math.nan, None, math.nan, True
-                grads = None if params is None else torch.autograd.grad(loss, params, allow_unused=True)
-        except SolverError:  # the forward Euler solve overflowed at this trial point
-            return math.nan, None, math.nan, True
-        g = None if grads is None else torch.cat(
-            [(torch.zeros_like(p) if gi is None else gi).reshape(-1) for p, gi in zip(params, grads,
-                                                                                         strict=True)])
-        correct = float((out.argmax(dim=1) == y).sum()) if not y.is_floating_point() and out.dim() == 2 \
-            else math.nan
-        return float(loss.detach()), g, correct, False
-
-    def _reduced(self, model: nn.Module, params: list[nn.Parameter] | None, X: torch.Tensor,
-                 y: torch.Tensor) -> tuple[float, torch.Tensor | None, float]:
-        """:meth:`_local` over every rank's part of the batch (one Allreduce under ``comm``).
-
-        ``loss_fn`` is a mean over samples, so the global loss and gradient are the
-        shard means weighted by shard size; a non-finite value on any rank is one
-        everywhere (every rank then rejects the same trial point).
-        """
-        n = X.shape[0]
-        if self._comm is None:
-            f, g, correct, bad = self._local(model, params, X, y)
-            if bad:
-                raise _NonFinite
-            return f, g, correct
-        from mpi4py import MPI
-
-        f, g, correct, bad = self._local(model, params, X, y) if n else (0.0, None, 0.0, False)
-        size = 0 if params is None else sum(p.numel() for p in params)
-        dtype = params[0].dtype if params else torch.float64
-        buf = torch.zeros(4 + size, dtype=torch.float64)
-        if not bad:
-            buf[0], buf[1], buf[2] = n * f, correct, 0.0
-            if g is not None:
-                buf[4:] = g.to(torch.float64) * n
-        buf[2], buf[3] = float(bad), float(n)
-        self._comm.Allreduce(MPI.IN_PLACE, buf.numpy(), op=MPI.SUM)
-        if buf[2] > 0 or not bool(torch.isfinite(buf[:2].nan_to_num(0.0)).all()):
-            raise _NonFinite
-        total = float(buf[3])
-        g_all = None if params is None else (buf[4:] / total).to(dtype)
-        return float(buf[0]) / total, g_all, float(buf[1])
-
     def _objective(self, l: int, x: torch.Tensor) -> tuple[float, torch.Tensor, float]:
         """``h_l(x)``, its gradient and the correct predictions on the current batch."""
         lvl = self.levels[l]
@@ -386,114 +232,11 @@ class RMTR:
         X, y = self._batch
         lvl.load(x)
         self._work += lvl.factor * self._batch_fraction
-        f, g, correct = self._reduced(lvl.model, lvl.params, X, y)
+        f, g, correct = reduced_eval(self.loss_fn, self._comm, lvl.model, lvl.params, X, y)
         if lvl.v is not None:
             f += float(lvl.v @ (x - lvl.x0))
             g = g + lvl.v
         return f, g, correct
-
-    def _solve(self, g: torch.Tensor, B: LSR1, radius: float) -> TRSolution:
-        if self.options["subproblem"] == "cg":
-            return steihaug_cg(g, B.matvec, radius)
-        return solve_compact(g, B, radius)
-
-    # -- trust-region machinery ---------------------------------------------------------
-    def _eff_radius(self, l: int, x: torch.Tensor) -> float:
-        """Level radius, cut so that the prolongated total step stays in the finer radius."""
-        lvl = self.levels[l]
-        if l == self._top:
-            return lvl.radius
-        used = float(lvl.transfer.prolong(x - lvl.x0).norm())
-        return min(lvl.radius, (lvl.budget - used) / lvl.transfer.norm)
-
-    def _budget_spent(self, l: int, x: torch.Tensor) -> bool:
-        lvl = self.levels[l]
-        if l == self._top:
-            return False
-        return self._eff_radius(l, x) <= self.options["eps_budget"] * lvl.budget / lvl.transfer.norm
-
-    def _update_radius(self, lvl: _Level, rho: float, snorm: float, r: float) -> None:
-        o = self.options
-        if rho < o["eta1"]:
-            # shrink the radius, not the step: a short failed coarse correction says little about
-            # the region in which the fine model can be trusted
-            lvl.radius = max(o["shrink"] * min(lvl.radius, r), 0.1 * o["min_radius"])
-        elif rho >= o["eta2"] and snorm >= 0.9 * r:
-            lvl.radius = min(o["expand"] * lvl.radius, o["max_radius"])
-
-    def _try(self, l: int, st: _State, s: torch.Tensor, predicted: float, r: float) -> bool:
-        """Evaluate ``x + s``, update L-SR1 and the radius, accept if the ratio allows."""
-        lvl = self.levels[l]
-        try:
-            f_t, g_t, correct = self._objective(l, st.x + s)
-            rho = (st.f - f_t) / predicted
-        except _NonFinite:
-            f_t, g_t, correct, rho = math.inf, None, math.nan, -math.inf
-        if g_t is not None:
-            lvl.sr1.update(s, g_t - st.g)
-        self._update_radius(lvl, rho, float(s.norm()), r)
-        if rho >= self.options["eta1"] and f_t < st.f:
-            st.x, st.f, st.g, st.correct = st.x + s, f_t, g_t, correct
-            self._accepted += 1
-            return True
-        return False
-
-    def _smooth(self, l: int, st: _State) -> bool:
-        """One trust-region iteration at level ``l``; False when nothing can be done."""
-        if self._budget_spent(l, st.x) or float(st.g.norm()) <= self.options["gtol"]:
-            return False
-        r = self._eff_radius(l, st.x)
-        if r <= self.options["min_radius"]:
-            return False
-        sol = self._solve(st.g, self.levels[l].sr1, r)
-        if not sol.predicted > 0:
-            self.levels[l].sr1.reset()  # a model that predicts no decrease is useless
-            return False
-        self._try(l, st, sol.step, sol.predicted, r)
-        return True
-
-    def _coarse_correction(self, l: int, st: _State) -> None:
-        """Recursive step: minimise the coarse model of level ``l`` and prolongate."""
-        o, c = self.options, self.levels[l - 1]
-        tr = c.transfer
-        gc = tr.restrict_gradient(st.g)
-        gnorm = float(st.g.norm())
-        if gnorm <= o["gtol"] or float(gc.norm()) < o["kappa_g"] * gnorm:
-            return
-        budget = self._eff_radius(l, st.x)
-        if budget <= o["min_radius"]:
-            return
-        xc0 = tr.restrict(st.x)
-        c.v, c.x0 = None, xc0
-        try:
-            fc0, gfc0, _ = self._objective(l - 1, xc0)
-        except _NonFinite:
-            return
-        c.v, c.budget = gc - gfc0, budget
-        cst = _State(xc0, fc0, gc, n=st.n)
-        self._cycle(l - 1, cst)
-        predicted = fc0 - cst.f
-        if not predicted > 0:
-            return
-        s = tr.prolong(cst.x - xc0)
-        self._try(l, st, s, predicted, budget)
-
-    def _cycle(self, l: int, st: _State) -> None:
-        o = self.options
-        if l == 0:
-            n = 1 if l == self._top else o["coarse_iterations"]
-            for _ in range(n):
-                if not self._smooth(l, st):
-                    break
-            return
-        for _ in range(o["pre_smoothing"]):
-            if not self._smooth(l, st):
-                break
-        if not self._budget_spent(l, st.x):
-            self._coarse_correction(l, st)
-        for _ in range(o["post_smoothing"]):
-            if not self._smooth(l, st):
-                break
 
     # -- training -----------------------------------------------------------------------
     def fit(self, X: torch.Tensor, y: torch.Tensor, max_seconds: float | None = None,
@@ -525,11 +268,7 @@ class RMTR:
         ValueError
             Empty or mismatched data, NaN/Inf in the data, a non-finite initial loss.
         """
-        for name, v in (("max_seconds", max_seconds), ("target_loss", target_loss)):
-            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
-                raise ValueError(f"Invalid {name} {v!r}: pass a finite number")
-        if epochs is not None and not (isinstance(epochs, int) and epochs >= 1):
-            raise ValueError(f"Invalid epochs {epochs!r}: pass a positive int")
+        _check_limits(max_seconds, epochs, target_loss)
         self.start(X, y)
         run = self._run
         o = self.options
@@ -582,30 +321,8 @@ class RMTR:
             Empty or mismatched data, NaN/Inf in the data.
         """
         o = self.options
-        if not isinstance(X, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise TypeError("X and y must be torch Tensors")
-        if X.shape[0] != y.shape[0]:
-            raise ValueError(f"Invalid data: X has {X.shape[0]} samples, y has {y.shape[0]}; pass "
-                             "matching first dimensions")
         dtype = next(self.model.parameters()).dtype
-        problem = None
-        if X.shape[0] == 0:
-            problem = "Invalid X: zero samples (an empty batch); pass at least one sample"
-        elif X.is_floating_point() and not bool(torch.isfinite(X).all()):
-            problem = "Invalid X: contains NaN or Inf; clean or impute the data first"
-        elif y.is_floating_point() and not bool(torch.isfinite(y).all()):
-            problem = "Invalid y: contains NaN or Inf; clean or impute the targets first"
-        if problem is not None and self._comm is not None and self._comm.Get_size() > 1:
-            problem += f" (on rank {self._comm.Get_rank()})"  # the same text on every rank
-        error = None if problem is None else ValueError(problem)
-        if self._comm is None:
-            if error is not None:
-                raise error
-            counts = [X.shape[0]]
-        else:  # every rank learns every rank's verdict: all raise together
-            # the text already names the failing rank: quote it as it is
-            counts = raise_together(self._comm, error, lambda f: ValueError(f.text),
-                                    payload=X.shape[0])
+        counts = _check_data(X, y, self._comm)
         if X.is_floating_point():
             X = X.to(dtype)
         if y.is_floating_point():
@@ -699,7 +416,7 @@ class RMTR:
             self.levels[fine].load(xf)
             self._batch = (run.X, run.y)
             try:
-                loss, _, correct = self._reduced(self.model, None, run.X, run.y)
+                loss, _, correct = reduced_eval(self.loss_fn, self._comm, self.model, None, run.X, run.y)
             except _NonFinite:
                 loss, correct = math.nan, math.nan
         acc = correct / N if run.classify else math.nan
@@ -750,25 +467,7 @@ class RMTR:
         :meth:`load_state_dict` continue the run bit for bit; outside a run it holds the
         levels only.
         """
-        levels = []
-        for lvl in self.levels:
-            levels.append({
-                "params": parameters_to_vector(lvl.params).detach().clone(),
-                "radius": lvl.radius, "budget": lvl.budget,
-                "v": lvl.v, "x0": lvl.x0, "sr1": lvl.sr1.state_dict()})
-        state: dict[str, Any] = {"format": "pnode-rmtr", "version": 1, "n_levels": self.n_levels,
-                                 "top": self._top, "work": self._work, "accepted": self._accepted,
-                                 "levels": levels, "run": None}
-        run = self._run
-        if run is not None:
-            st = run.st
-            state["run"] = {
-                "N": run.N, "x": run.x, "elapsed": run.elapsed, "iteration": run.iteration,
-                "level_losses": list(run.level_losses), "sched": run.sched.state_dict(),
-                "hist": {k: (list(v) if isinstance(v, list) else v) for k, v in vars(run.hist).items()},
-                "st": None if st is None else {"x": st.x, "f": st.f, "g": st.g, "correct": st.correct,
-                                               "n": st.n}}
-        return state
+        return save_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; a saved run continues in the run begun by :meth:`start`.
@@ -779,39 +478,52 @@ class RMTR:
             A state of another configuration (levels, sizes, training-set size), or a
             saved run without a started one.
         """
-        if not isinstance(state, dict) or state.get("format") != "pnode-rmtr":
-            raise ValueError("Invalid state: not an RMTR state_dict")
-        if state["n_levels"] != self.n_levels or len(state["levels"]) != len(self.levels):
-            raise ValueError(f"Invalid state: {state['n_levels']} levels, this RMTR has {self.n_levels}")
-        for lvl, ls in zip(self.levels, state["levels"], strict=True):
-            n = sum(p.numel() for p in lvl.params)
-            if ls["params"].numel() != n:
-                raise ValueError(f"Invalid state: a level with {ls['params'].numel()} parameters, "
-                                 f"this one has {n}")
-        saved_run = state.get("run")
-        if saved_run is not None:
-            if self._run is None:
-                raise ValueError("Invalid use: the state holds a run in progress; call start(X, y) "
-                                 "with the same data first")
-            if saved_run["N"] != self._run.N:
-                raise ValueError(f"Invalid state: a run on {saved_run['N']} samples, the started one "
-                                 f"has {self._run.N}")
-        for lvl, ls in zip(self.levels, state["levels"], strict=True):
-            lvl.load(ls["params"].to(lvl.params[0].dtype))
-            lvl.radius, lvl.budget = float(ls["radius"]), float(ls["budget"])
-            lvl.v, lvl.x0 = ls["v"], ls["x0"]
-            lvl.sr1.load_state_dict(ls["sr1"])
-        self._top, self._work = int(state["top"]), float(state["work"])
-        self._accepted = int(state["accepted"])
-        if saved_run is None:
-            return
-        run = self._run
-        run.x, run.elapsed = saved_run["x"], float(saved_run["elapsed"])
-        run.iteration = int(saved_run["iteration"])
-        run.level_losses = list(saved_run["level_losses"])
-        run.sched.load_state_dict(saved_run["sched"])
-        run.hist = History(**{k: (list(v) if isinstance(v, list) else v)
-                              for k, v in saved_run["hist"].items()})
-        st = saved_run["st"]
-        run.st = None if st is None else _State(st["x"], float(st["f"]), st["g"], float(st["correct"]),
-                                                int(st["n"]))
+        load_state(self, state)
+
+
+def _check_data(X: torch.Tensor, y: torch.Tensor, comm: Any) -> list[int]:
+    """Validate this rank's shard ``X, y``; return every rank's sample count.
+
+    Under ``comm`` every rank learns every rank's verdict, so all raise together
+    (the message names the failing rank).
+
+    Raises
+    ------
+    TypeError
+        ``X`` or ``y`` is not a Tensor.
+    ValueError
+        Mismatched or empty data, or NaN/Inf in it.
+    """
+    if not isinstance(X, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError("X and y must be torch Tensors")
+    if X.shape[0] != y.shape[0]:
+        raise ValueError(f"Invalid data: X has {X.shape[0]} samples, y has {y.shape[0]}; pass "
+                         "matching first dimensions")
+    problem = None
+    if X.shape[0] == 0:
+        problem = "Invalid X: zero samples (an empty batch); pass at least one sample"
+    elif X.is_floating_point() and not bool(torch.isfinite(X).all()):
+        problem = "Invalid X: contains NaN or Inf; clean or impute the data first"
+    elif y.is_floating_point() and not bool(torch.isfinite(y).all()):
+        problem = "Invalid y: contains NaN or Inf; clean or impute the targets first"
+    if problem is not None and comm is not None and comm.Get_size() > 1:
+        problem += f" (on rank {comm.Get_rank()})"  # the same text on every rank
+    error = None if problem is None else ValueError(problem)
+    if comm is None:
+        if error is not None:
+            raise error
+        counts = [X.shape[0]]
+    else:  # every rank learns every rank's verdict: all raise together
+        # the text already names the failing rank: quote it as it is
+        counts = raise_together(comm, error, lambda f: ValueError(f.text),
+                                payload=X.shape[0])
+    return counts
+
+
+def _check_limits(max_seconds: Any, epochs: Any, target_loss: Any) -> None:
+    """Validate the stopping limits of :meth:`RMTR.fit`."""
+    for name, v in (("max_seconds", max_seconds), ("target_loss", target_loss)):
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+            raise ValueError(f"Invalid {name} {v!r}: pass a finite number")
+    if epochs is not None and not (isinstance(epochs, int) and epochs >= 1):
+        raise ValueError(f"Invalid epochs {epochs!r}: pass a positive int")
