@@ -87,7 +87,7 @@ class Checkpoint:
             _positive_int(self.budget, "RAM budget")
             if self.disk_budget is not None:
                 _positive_int(self.disk_budget, "disk budget")
-            _check_directory(self.directory)
+            check_directory(self.directory)
         elif self.budget is not None:
             raise ValueError(f"checkpoint policy {self.kind!r} takes no budget")
         if self.memory_mib is not None:
@@ -153,7 +153,7 @@ class Checkpoint:
         return self.kind in ("binomial", "disk")
 
 
-def _check_directory(directory: str | None) -> None:
+def check_directory(directory: str | None) -> None:
     """Refuse a checkpoint directory that does not exist or cannot take a file."""
     if not directory:
         raise ValueError("Checkpoint.disk needs a directory")
