@@ -46,8 +46,8 @@ def _solver_still_works(method, kw):
     y0 = torch.ones(2, dtype=F64, requires_grad=True)
     ys = pnode.odeint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=F64), method=method, **kw)
     ys[-1].sum().backward()
-    assert torch.allclose(ys[-1].detach(), torch.exp(torch.tensor(-1.0, dtype=F64)) * torch.ones(2, dtype=F64),
-                          rtol=1e-3)
+    exact = torch.exp(torch.tensor(-1.0, dtype=F64)) * torch.ones(2, dtype=F64)
+    assert torch.allclose(ys[-1].detach(), exact, rtol=1e-3)
     assert torch.isfinite(y0.grad).all()
 
 
