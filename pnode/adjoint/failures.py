@@ -80,6 +80,8 @@ def sync(solver: TSSolver, phase: str, t_target: float,
         return
     if prob.error is not None:
         fail(solver, phase, t_target, petsc_error)
+    if phase == "forward":
+        _failed_stats(solver)
     _stop(solver, petsc_error)
     rank, msg, t_fail = bad[0]
     for r, m, _ in bad:
