@@ -30,11 +30,12 @@ T = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
 class _Field(torch.nn.Module):
     """tanh(W y); raises ``exc`` on rank ``rank`` once t passes ``t_fail`` (while armed)."""
 
-    def __init__(self, rank, t_fail, exc=RuntimeError("injected failure")):
+    def __init__(self, rank, t_fail, exc=None):
         super().__init__()
         torch.manual_seed(0)
         self.lin = torch.nn.Linear(3, 3).double()
-        self.rank, self.t_fail, self.exc, self.armed = rank, t_fail, exc, True
+        self.rank, self.t_fail, self.armed = rank, t_fail, True
+        self.exc = RuntimeError("injected failure") if exc is None else exc
 
     def forward(self, t, y):
         if self.armed and RANK == self.rank and float(t) >= self.t_fail:
