@@ -28,13 +28,14 @@ FAMILIES = [  # (method, kwargs): explicit fixed, explicit adaptive, theta, ARKI
     ("rk4", {"options": {"step_size": 0.01}}),
     ("dopri5", {}),
     ("bosh3", {}),
-    ("implicit_euler", {}),
-    ("theta", {}),
-    ("trapezoid", {}),
+    ("implicit_euler", {"rtol": 1e-5, "atol": 1e-7}),  # first order: few steps, loosely
+    ("theta", {"rtol": 1e-5, "atol": 1e-7}),
+    ("trapezoid", {"rtol": 1e-5, "atol": 1e-7}),
     ("kencarp3", {}),
     ("kencarp4", {}),
 ]
 ADAPTIVE = [m for m in FAMILIES if "options" not in m[1]]
+LOOSE = {"rtol": 1e-5, "atol": 1e-7}
 
 
 def _square(t, y):
@@ -47,7 +48,7 @@ def _solver_still_works(method, kw):
     ys = pnode.odeint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=F64), method=method, **kw)
     ys[-1].sum().backward()
     exact = torch.exp(torch.tensor(-1.0, dtype=F64)) * torch.ones(2, dtype=F64)
-    assert torch.allclose(ys[-1].detach(), exact, rtol=1e-3)
+    assert torch.allclose(ys[-1].detach(), exact, rtol=1e-2)  # any method, loose tolerances
     assert torch.isfinite(y0.grad).all()
 
 
@@ -109,7 +110,8 @@ def test_step_budget_from_petsc_options_is_reported(method, kw):
     """ts_max_steps=3 (as -pnode_ts_max_steps 3): reported as 3 steps, and last_stats agrees."""
     with pytest.raises(pnode.SolverError) as exc:
         pnode.odeint(lambda t, y: -y, torch.ones(1, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
-                     method=method, rtol=1e-10, atol=1e-12, petsc_options={"ts_max_steps": 3}, **kw)
+                     method=method, **{**kw, "rtol": 1e-10, "atol": 1e-12},
+                     petsc_options={"ts_max_steps": 3})
     err = exc.value
     assert err.reason == "MAX_STEPS" and err.steps == 3
     assert "budget of 3 steps" in str(err) and "1000000" not in str(err)
@@ -148,9 +150,9 @@ def test_nan_loss_is_not_blamed_on_the_solver(method, kw):
 def test_bad_petsc_options_are_value_errors_with_petsc_names(petsc_options, match):
     with pytest.raises(ValueError, match=match):
         pnode.odeint(lambda t, y: -y, torch.ones(2, dtype=F64), SPAN, method="implicit_euler",
-                     petsc_options=petsc_options)
+                     petsc_options=petsc_options, **LOOSE)
     assert "error code" not in match
-    _solver_still_works("implicit_euler", {})
+    _solver_still_works("implicit_euler", LOOSE)
 
 
 @pytest.mark.parametrize("key", ["ksp_rtol", "snes_rtol"])
@@ -194,7 +196,7 @@ def test_rejected_steps_are_bounded(method, kw):
 
 
 @pytest.mark.parametrize("hook", ["monitor", "to_next_output"])
-@pytest.mark.parametrize("method,kw", [("rk4", {}), ("dopri5", {}), ("implicit_euler", {}),
+@pytest.mark.parametrize("method,kw", [("rk4", {}), ("dopri5", {}), ("implicit_euler", LOOSE),
                                        ("kencarp4", {})])
 def test_interrupt_in_a_step_hook_is_a_keyboard_interrupt(monkeypatch, hook, method, kw):
     """Ctrl-C landing in the TS monitor or post-step hook is not a SolverError (error 101)."""
@@ -210,7 +212,7 @@ def test_interrupt_in_a_step_hook_is_a_keyboard_interrupt(monkeypatch, hook, met
     with pytest.raises(KeyboardInterrupt):
         pnode.odeint(lambda t, y: -y, torch.ones(2, dtype=F64), t, method=method, **kw)
     monkeypatch.undo()
-    _solver_still_works(method, {"options": {"step_size": 0.01}} if method == "rk4" else {})
+    _solver_still_works(method, {"options": {"step_size": 0.01}} if method == "rk4" else kw)
 
 
 # -- signals, in subprocesses ---------------------------------------------------------------
