@@ -96,6 +96,10 @@ def fail(solver: TSSolver, phase: str, t_target: float,
     """Raise the exception explaining why the last PETSc solve of ``solver`` stopped."""
     prob, ts = solver.problem, solver.ts
     err, err_t = prob.error, prob.error_t
+    if err is None and petsc_error is not None and isinstance(petsc_error.__cause__, BaseException):
+        # raised in a callback that records nothing (petsc4py chains it): e.g. Ctrl-C in a
+        # matrix-shell method; the user must see it, not "PETSC_ERR_PYTHON"
+        err, err_t = petsc_error.__cause__, ts.getTime()
     prob.reset_error()
     diagnosis = solver.guard.diagnosis if phase == "forward" else None
     solver.guard.diagnosis = None
