@@ -2,7 +2,8 @@
 
 ``python -m benchmarks [--quick] [--out DIR] [--only SECTION ...]``; see
 :mod:`benchmarks.timing`, :mod:`benchmarks.memory`, :mod:`benchmarks.accuracy`,
-:mod:`benchmarks.stiff` and :mod:`benchmarks.profile` for what each measures.
+:mod:`benchmarks.stiff`, :mod:`benchmarks.profile` and :mod:`benchmarks.small` for what each
+measures.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import accuracy, memory, profile, stiff, timing
+from benchmarks import accuracy, memory, profile, small, stiff, timing
 from benchmarks.common import machine_info
 
-SECTIONS = {"timing": timing, "memory": memory, "accuracy": accuracy, "stiff": stiff, "profile": profile}
+SECTIONS = {"timing": timing, "memory": memory, "accuracy": accuracy, "stiff": stiff, "profile": profile,
+            "small": small}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 

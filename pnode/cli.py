@@ -14,6 +14,7 @@ import os
 import platform
 import signal
 import sys
+import threading
 
 __all__ = ["main", "environment"]
 
@@ -90,6 +91,26 @@ def _example_list() -> str:
     return "\n".join(f"  {name.ljust(width)}  {cls.summary}" for name, cls in EXAMPLES.items())
 
 
+_SIGNALLED: list[int] = []  # the signal that interrupted `pnode run` outside its training loop
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    _SIGNALLED.append(signum)
+    raise KeyboardInterrupt
+
+
+def _petsc_reason(e: BaseException) -> str:
+    """One line from a PETSc error: its most specific message, without the call stack."""
+    import re
+
+    lines = [re.sub(r"^\[\d+\]\s*", "", ln).strip() for ln in str(e).splitlines()]
+    trace = re.compile(r"^\w+\(\) at |^error code \d+$|^Unknown type\. Check for miss-spelling")
+    useful = [ln for ln in lines if ln and not trace.match(ln)]
+    code = getattr(e, "ierr", None)
+    where = f" (PETSc error code {code})" if code is not None else ""
+    return (useful[-1] if useful else (lines[0] if lines and lines[0] else "unknown PETSc error")) + where
+
+
 _RUN_USAGE = ("usage: pnode run <example> [--quick] [--out DIR] [--overwrite] [--resume] "
               "[example options] [PETSc options]")
 
@@ -112,7 +133,7 @@ def _cmd_run(argv: list[str]) -> int:
 
     import pnode
 
-    from .examples import NotParallelError
+    from .examples import InterruptedRun, NotParallelError, UsageError
     from .examples.distributed import RunComm
 
     root = RunComm().root  # under mpirun, messages and the summary come from rank 0 only
@@ -122,9 +143,17 @@ def _cmd_run(argv: list[str]) -> int:
             print(f"pnode run {name}: {message}", file=sys.stderr, flush=True)
         return status
 
+    # until the training loop takes them over (and after it), SIGTERM and SIGINT end the run
+    # through Python, not through PETSc's handler (which calls MPI_Abort)
+    main_thread = threading.current_thread() is threading.main_thread()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    for s in saved:
+        signal.signal(s, _raise_interrupt)
     try:
         result = run(name, rest)
-    except NotParallelError as e:
+    except InterruptedRun as e:
+        return fail(f"{e}", e.exit_status)
+    except (NotParallelError, UsageError) as e:
         return fail(f"error: {e}", 2)
     except ExampleError as e:
         return fail(f"error: {e}")
@@ -133,11 +162,18 @@ def _cmd_run(argv: list[str]) -> int:
                     "Try a smaller --lr, another --method or tighter tolerances.")
     except PETSc.Error as e:
         # e.g. -pnode_ts_type bogus: PETSc refuses the option when the first solver reads it
-        return fail(f"PETSc refused the run (error code {getattr(e, 'ierr', '?')}): {e}\n"
-                    "Check the single-dash PETSc options (names, values); -help lists them.")
+        return fail(f"error: PETSc refused the options: {_petsc_reason(e)}; check the single-dash "
+                    "PETSc options (names, values; -help lists them)", 2)
     except OSError as e:
         return fail(f"cannot write the outputs: {e.strerror or e} ({e.filename or ''}); "
                     "choose another --out")
+    except KeyboardInterrupt:  # outside the training loop (set-up, evaluation): nothing to save
+        sig = _SIGNALLED[-1] if _SIGNALLED else signal.SIGINT
+        return fail(f"interrupted ({signal.Signals(sig).name}) outside the training loop; the last "
+                    "checkpoint (if any) is intact", 128 + int(sig))
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
     if not root:
         return 0
     m = result.metrics

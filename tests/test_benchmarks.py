@@ -97,3 +97,35 @@ def test_stiff_tables_and_goal():
 @pytest.mark.parametrize("value,text", [(0.5, "0.5"), (1.2e-16, "1.2e-16"), (0.0, "0")])
 def test_md_table_formats(value, text):
     assert md_table(["a"], [[value]]).splitlines()[-1] == f"| {text} |"
+
+
+def test_small_section_rows_goals_and_exact_gradients():
+    from benchmarks import small
+
+    tiny_rk4 = (small.Case("mlp-small", "mlp", 3, 2, 2, 4), small.Case("mlp", "mlp", 2, 1, 3, 5),
+                small.Case("conv", "conv", 2, 1, 2, side=3))
+    tiny_adaptive = (small.Case("conv", "conv", 2, 0, 2, side=3),)
+    res = small.run(rk4_cases=tiny_rk4, adaptive_cases=tiny_adaptive, repeats=1)
+    assert [r["case"]["name"] for r in res["rk4"]] == ["mlp-small", "mlp", "conv"]
+    for r in res["rk4"]:
+        assert set(r["seconds"]) == set(small.RK4_CONFIGS)
+    assert set(res["adaptive"][0]["seconds"]) == set(small.ADAPTIVE_CONFIGS)
+    for part in ("pnode", "backprop"):
+        assert all(math.isfinite(v) for v in res["fixed"][part].values())
+    assert res["rober"]["ratio"] > 0 and max(res["rober"]["err_y0"], res["rober"]["err_p"]) < 1e-3
+    goals = small.goal_rows(res)
+    assert len(goals) == len(small.GOALS) + 3
+    text = small.tables(res)
+    assert "conv 2ch 3x3, batch 2" in text and "fixed cost" in text and "ROBER" in text
+    # the timed pnode configurations compute the exact gradient of the scheme they are compared with
+    for case in tiny_rk4:
+        func, y0, t = case.build()
+        y = y0.clone().requires_grad_()
+        params = [y, *func.parameters()]
+        ref = torch.autograd.grad(rk4_loop(func, y, case.steps).pow(2).sum(), params)
+        for cfg in ("pnode-stages", "pnode-graph"):
+            y = y0.clone().requires_grad_()
+            got = torch.autograd.grad(small.final_state(cfg, func, y, t, case.steps).pow(2).sum(),
+                                      [y, *func.parameters()])
+            for g, r in zip(got, ref, strict=True):
+                assert float((g - r).norm()) <= 1e-12 * float(r.norm()) + 1e-15, (case.name, cfg)

@@ -103,7 +103,12 @@ class TSObjects:
             self.J_rhs = self._shell(n, n, "rhs_x")
             ts.setRHSFunction(problem.rhs_function, self.f_rhs)
             ts.setRHSJacobian(problem.rhs_jacobian, self.J_rhs, self.J_rhs)
-            if n_p:
+            if n_p and self.method.ts_type == "rk":
+                # explicit RK: the problem accumulates the parameter gradient with PETSc's
+                # stage weights (bit for bit), so PETSc makes two callbacks per adjoint
+                # stage instead of four (see problem.ParamGradient)
+                problem.accumulate_params(True)
+            elif n_p:
                 self.Jp_rhs = self._shell(n, n_p, "rhs_p")
                 ts.setRHSJacobianP(problem.rhs_jacobian_p, self.Jp_rhs)
         elif self.method.ts_type == "arkimex":
@@ -137,7 +142,8 @@ class TSObjects:
 
     def _set_controls(self, monitor: Callable) -> None:
         ts, opts = self.ts, self.opts
-        ts.setCostGradients(self.lam, self.mu if self.problem.n_params else None)
+        in_petsc = self.problem.n_params and self.problem.param_grad is None
+        ts.setCostGradients(self.lam, self.mu if in_petsc else None)
         ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
         ts.setMaxSteps(opts.max_num_steps)
         ts.setErrorIfStepFails(False)
@@ -167,6 +173,7 @@ class TSObjects:
 
     def destroy(self) -> None:
         """Destroy the PETSc objects (one owner, explicit destruction)."""
+        self.problem.views.clear()  # the views' references would keep Vecs alive
         for obj in reversed(self._objs):
             obj.destroy()
         self._objs.clear()
@@ -180,8 +187,8 @@ class TSObjects:
             # TSHistory re-sorts all step times on every step (quadratic in the step count);
             # the adjoint does not use it.
             "ts_trajectory_use_history": "0",
-            "ts_trajectory_solution_only": "1" if opts.checkpoint.kind == "solution" else "0",
             "ts_adapt_type": "none" if self.fixed else "basic",
+            **opts.checkpoint.petsc_defaults(),
         }
         if problem.implicit is not None:
             d.update(self._implicit_defaults())

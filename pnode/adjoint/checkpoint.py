@@ -20,6 +20,12 @@
 For ``binomial`` and ``disk`` the forward solve keeps only its step times; the
 adjoint replays the schedule, re-integrating each step with exactly the step
 size taken in the forward solve (so adaptive methods replay the same steps).
+
+Each policy is a class that owns its behaviour: what the forward sweep records
+(:meth:`Checkpoint.begin_forward`, :meth:`Checkpoint.petsc_defaults`) and how the
+adjoint sweep runs (:meth:`Checkpoint.adjoint`).  ``Checkpoint(kind, ...)`` and
+the class methods build the subclass of ``kind``; adding a policy means adding
+one subclass here.  No other module compares policy names.
 """
 
 from __future__ import annotations
@@ -27,11 +33,17 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from .methods import Method
+    from .solver import TSSolver
 
 __all__ = ["Checkpoint"]
 
 _NAMES = ("stages", "all", "solution", "graph")
-_KINDS = ("stages", "solution", "graph", "binomial", "disk")
 
 
 def _positive_int(value: object, what: str) -> int:
@@ -40,7 +52,7 @@ def _positive_int(value: object, what: str) -> int:
     return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Checkpoint:
     """A checkpoint policy for :func:`pnode.odeint` (``checkpoint=``).
 
@@ -76,27 +88,32 @@ class Checkpoint:
     disk_budget: int | None = None
     memory_mib: float | None = None
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Checkpoint:
+        # Checkpoint(kind, ...) builds the policy class of that kind (unknown kinds are
+        # refused by __post_init__); copy and pickle call __new__ without arguments.
+        if cls is Checkpoint:
+            kind = args[0] if args else kwargs.get("kind")
+            cls = _POLICIES.get(kind, Checkpoint) if isinstance(kind, str) else Checkpoint
+        return object.__new__(cls)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f}={getattr(self, f)!r}" for f in
+                           ("kind", "budget", "directory", "disk_budget", "memory_mib"))
+        return f"Checkpoint({fields})"
+
     def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
+        if not isinstance(self.kind, str) or _POLICIES.get(self.kind) is not type(self):
             raise ValueError(f"unknown checkpoint policy {self.kind!r}; valid: 'stages', "
                              "'solution', 'graph', Checkpoint.binomial(budget), "
                              "Checkpoint.disk(directory, ram_budget), Checkpoint.graph(memory_mib)")
-        if self.kind == "binomial":
-            _positive_int(self.budget, "checkpoint budget")
-        elif self.kind == "disk":
-            _positive_int(self.budget, "RAM budget")
-            if self.disk_budget is not None:
-                _positive_int(self.disk_budget, "disk budget")
-            check_directory(self.directory)
-        elif self.budget is not None:
+        self._validate()
+
+    def _validate(self) -> None:
+        """Check the fields this policy takes (each subclass checks its own)."""
+        if self.budget is not None:
             raise ValueError(f"checkpoint policy {self.kind!r} takes no budget")
         if self.memory_mib is not None:
-            m = self.memory_mib
-            if self.kind != "graph":
-                raise ValueError(f"checkpoint policy {self.kind!r} takes no memory_mib")
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 0 \
-                    or m == float("inf"):
-                raise ValueError(f"Invalid memory_mib {m!r}: need a finite number >= 0")
+            raise ValueError(f"checkpoint policy {self.kind!r} takes no memory_mib")
 
     @classmethod
     def binomial(cls, budget: int) -> Checkpoint:
@@ -150,7 +167,123 @@ class Checkpoint:
     @property
     def replays(self) -> bool:
         """Whether the adjoint re-integrates the forward from a schedule (binomial, disk)."""
-        return self.kind in ("binomial", "disk")
+        return False
+
+    # -- behaviour (the engine calls these; subclasses override) -------------------------
+    def check_method(self, method: Method, imex: bool) -> None:
+        """Refuse a method this policy cannot serve (``ValueError``)."""
+
+    def petsc_defaults(self) -> dict[str, str]:
+        """PETSc options the policy needs (the command line may override them)."""
+        return {"ts_trajectory_solution_only": "0"}
+
+    def agreement_key(self) -> tuple:
+        """What every rank of a collective solve must agree on (not rank-local paths)."""
+        return (self.kind, self.budget, self.disk_budget, self.memory_mib)
+
+    def begin_forward(self, solver: TSSolver, y0: torch.Tensor, record: bool) -> None:
+        """What the forward sweep records: here, PETSc's trajectory (if ``record``)."""
+        if record:
+            solver.ts.setSaveTrajectory()
+        solver.y0 = None
+        solver.problem.keep_graphs(False)
+
+    def adjoint(self, solver: TSSolver, grad_ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the adjoint sweep of the last forward solve; ``(grad_y0, grad_params)``."""
+        from .sweeps import segmented_sweep
+
+        return segmented_sweep(solver, grad_ys)
+
+
+class _Solution(Checkpoint):
+    """``"solution"``: PETSc's solution-only trajectory, stages recomputed by the adjoint."""
+
+    def petsc_defaults(self) -> dict[str, str]:
+        return {"ts_trajectory_solution_only": "1"}
+
+
+class _Graph(Checkpoint):
+    """``"graph"``: the trajectory and the autograd graphs of the forward evaluations."""
+
+    def _validate(self) -> None:
+        if self.budget is not None:
+            raise ValueError(f"checkpoint policy {self.kind!r} takes no budget")
+        m = self.memory_mib
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float))
+                              or not m >= 0 or m == float("inf")):
+            raise ValueError(f"Invalid memory_mib {m!r}: need a finite number >= 0")
+
+    def check_method(self, method: Method, imex: bool) -> None:
+        if method.implicit or imex:
+            raise ValueError("checkpoint='graph' is available for explicit methods; implicit "
+                             "stages are Newton iterates, use 'stages' or 'solution'")
+
+    def begin_forward(self, solver: TSSolver, y0: torch.Tensor, record: bool) -> None:
+        super().begin_forward(solver, y0, record)
+        solver.problem.keep_graphs(record, self.memory_mib)
+
+
+class _Scheduled(Checkpoint):
+    """Schedule-driven policies: the forward keeps step times and ``y0``, the adjoint replays."""
+
+    @property
+    def replays(self) -> bool:
+        return True
+
+    def begin_forward(self, solver: TSSolver, y0: torch.Tensor, record: bool) -> None:
+        solver.y0 = y0.clone()  # no PETSc trajectory: the schedule re-integrates from y0
+        solver.problem.keep_graphs(False)
+
+    def _validate(self) -> None:
+        if self.memory_mib is not None:
+            raise ValueError(f"checkpoint policy {self.kind!r} takes no memory_mib")
+
+    def schedule(self, n: int):
+        """The ``checkpoint-schedules`` schedule of an adjoint over ``n`` steps."""
+        raise NotImplementedError
+
+    def adjoint(self, solver: TSSolver, grad_ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from .sweeps import ScheduledSweep
+
+        n = solver.seg_steps[-1]
+        return ScheduledSweep(solver, self.schedule(n) if n else (), self.directory).run(grad_ys)
+
+
+class _Binomial(_Scheduled):
+    """:meth:`Checkpoint.binomial`: the optimal binomial (Revolve) schedule, RAM only."""
+
+    def _validate(self) -> None:
+        _positive_int(self.budget, "checkpoint budget")
+        super()._validate()
+
+    def schedule(self, n: int):
+        import checkpoint_schedules as cs
+
+        # The multistage generator with no disk slots yields the optimal binomial (Revolve)
+        # schedule lazily; cs.Revolve precomputes every action (5.8 MiB for 2000 steps).
+        return cs.MultistageCheckpointSchedule(n, self.budget, 0)
+
+
+class _Disk(_Scheduled):
+    """:meth:`Checkpoint.disk`: the optimal two-level (RAM, then disk) schedule."""
+
+    def _validate(self) -> None:
+        _positive_int(self.budget, "RAM budget")
+        if self.disk_budget is not None:
+            _positive_int(self.disk_budget, "disk budget")
+        check_directory(self.directory)
+        super()._validate()
+
+    def schedule(self, n: int):
+        import checkpoint_schedules as cs
+
+        disk = n if self.disk_budget is None else self.disk_budget
+        return cs.MultistageCheckpointSchedule(n, self.budget, disk)
+
+
+# the policy class of each kind ("stages" is the base class itself)
+_POLICIES: dict[str, type[Checkpoint]] = {"stages": Checkpoint, "solution": _Solution,
+                                          "graph": _Graph, "binomial": _Binomial, "disk": _Disk}
 
 
 def check_directory(directory: str | None) -> None:

@@ -13,29 +13,37 @@ null space ``N`` of ``M`` (``M N = 0``).  The DAE is of index 1 when
 
 PETSc's discrete adjoint of TSTHETA (``implicit_euler``, ``trapezoid``,
 ``theta``) is written for a general IFunction with a constant mass matrix, so
-gradients are exact for these methods.  TSARKIMEX's adjoint assumes the identity
-mass matrix (``TSAdjointStep_ARKIMEX`` cancels ``shift * I`` out of the
+gradients are exact for these methods.  TSARKIMEX assumes the identity mass
+matrix forward and backward (its explicit first stage takes the slope
+``-F(t, y, 0)``; ``TSAdjointStep_ARKIMEX`` cancels ``shift * I`` out of the
 IJacobian), so ARKIMEX methods, and with them :class:`pnode.IMEX`, are refused
 with a mass.  Explicit methods are refused too: an explicit stage needs
-``y' = M^{-1} f``, which does not exist for a singular ``M``.
+``y' = M^{-1} f``, which does not exist for a singular ``M``.  The midpoint form
+of ``theta`` extrapolates the algebraic components off the constraint, which
+makes adaptive steps collapse: with a singular mass it takes fixed steps only.
 
 A trainable ``M`` (``M.requires_grad``) is one more parameter block of the
 IJacobianP: ``dF_i/dM_ij = y'_j`` (``dF_i/dM_i = y'_i`` for a diagonal mass), with
-the ``y'`` PETSc passes at each stage.
+the ``y'`` PETSc passes at each stage (see :func:`solve_options` for the midpoint
+form, whose stage-storing trajectory passes a wrong one).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .checkpoint import Checkpoint
 from .methods import Method
+from .options import SolveOptions
 from .state import StateSpec
 
-__all__ = ["Mass", "prepare_mass", "split_options", "constraint_residual"]
+__all__ = ["Mass", "prepare_mass", "solve_options", "MAX_STEP_REJECTIONS", "split_options",
+           "constraint_residual"]
 
 
 @dataclass
@@ -140,13 +148,24 @@ def _as_mass(mass, spec: StateSpec) -> tuple[str, torch.Tensor]:
         f"(the same diagonal for every sample), or an [{n}, {n}] matrix")
 
 
-def _check_method(method: Method, imex: bool, singular: bool, jacobian: str) -> None:
+def _midpoint(method: Method, opts: SolveOptions) -> bool:
+    """Whether the scheme is TSTHETA's one-stage (midpoint) form with theta < 1."""
+    if method.ts_type != "theta":
+        return False
+    endpoint = method.endpoint if opts.endpoint is None else opts.endpoint
+    theta = method.theta if opts.theta is None else opts.theta
+    return not endpoint and theta != 1.0
+
+
+def _check_method(method: Method, opts: SolveOptions, imex: bool, singular: bool) -> None:
     if imex or method.ts_type == "arkimex":
         raise ValueError(
-            f"method {method.name!r} cannot take mass=: PETSc's ARKIMEX adjoint "
-            "(TSAdjointStep_ARKIMEX) assumes the identity mass matrix, so its gradients would "
-            "be wrong; use implicit_euler, trapezoid or theta (and a plain func instead of "
-            "pnode.IMEX)")
+            f"method {method.name!r} cannot take mass=: PETSc's ARKIMEX is written for the "
+            "identity mass matrix, forward and adjoint: its explicit first stage takes the "
+            "slope -F(t, y, 0) = f(t, y) (not M^-1 f), and TSAdjointStep_ARKIMEX cancels "
+            "shift * I out of the IJacobian, so solutions and gradients are wrong for any "
+            "other M, singular or not; use implicit_euler, trapezoid or theta (and a plain "
+            "func instead of pnode.IMEX)")
     if not method.implicit:
         if singular:
             raise ValueError(
@@ -157,9 +176,50 @@ def _check_method(method: Method, imex: bool, singular: bool, jacobian: str) -> 
             f"method {method.name!r} is explicit; mass= is supported by the implicit methods "
             "implicit_euler, trapezoid and theta (for a nonsingular M, an explicit method can "
             "integrate func(t, y) = solve(M, f(t, y)) instead)")
-    if jacobian == "blocks":
+    if opts.jacobian == "blocks":
         raise ValueError("options['jacobian']='blocks' does not take mass=; use 'dense' or "
                          "'matfree'")
+    if singular and opts.step_size is None and _midpoint(method, opts):
+        # The step extrapolates y + (Y - y) / theta from the stage Y, so the algebraic
+        # components of the steps miss the constraint by an error that alternates in sign
+        # and does not shrink with the step: TSTHETA's error estimate (differences of the
+        # steps) never passes, and the step size collapses to round-off (a hang).
+        raise ValueError(
+            "the midpoint form of method='theta' takes a singular mass with fixed steps only "
+            "(options['step_size']): its steps extrapolate the algebraic components off the "
+            "constraint, and adaptive steps shrink without end; use trapezoid, "
+            "implicit_euler or theta with options['endpoint']=True for adaptive steps")
+
+
+#: Consecutive rejected attempts of one adaptive DAE step (error test or Newton failure)
+#: before the solve stops: past an impasse point (where the algebraic equations stop
+#: having a solution) every attempt fails, and PETSc would halve the step without end.
+MAX_STEP_REJECTIONS = 50
+
+
+def solve_options(mass: Mass | None, method: Method, opts: SolveOptions) -> SolveOptions:
+    """The options a DAE solves with (``opts`` itself for an ODE).
+
+    - Adaptive steps with a singular mass stop after :data:`MAX_STEP_REJECTIONS`
+      consecutive rejections of one step (PETSc option ``ts_max_step_rejections``,
+      unless the caller sets it) with a :class:`pnode.SolverError`.
+    - A trainable mass with the midpoint form recomputes stages in the adjoint:
+      PETSc's memory trajectory restores only the stage ``Y`` of a midpoint step, not
+      the solution after it, so ``TSAdjointStep_Theta`` rebuilds the step's start
+      ``(Y - theta y_{n+1}) / (1 - theta)`` from a stale ``y_{n+1}`` and hands the
+      IJacobianP a wrong ``y'``.  Only the mass block ``dF/dM = y'`` reads it;
+      ``checkpoint="solution"`` restores both and gives the exact gradient.
+    """
+    if mass is None:
+        return opts
+    if mass.n_alg and opts.step_size is None and method.adaptive and \
+            not any(k in ("ts_max_step_rejections", "ts_max_reject") for k, _ in opts.petsc_options):
+        popts = tuple(sorted(opts.petsc_options
+                             + (("ts_max_step_rejections", str(MAX_STEP_REJECTIONS)),)))
+        opts = dataclasses.replace(opts, petsc_options=popts)
+    if mass.trainable and _midpoint(method, opts) and opts.checkpoint.kind == "stages":
+        opts = dataclasses.replace(opts, checkpoint=Checkpoint("solution"))
+    return opts
 
 
 def split_options(options) -> tuple[dict | None, bool]:
@@ -220,8 +280,8 @@ def _solve_k(K: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 def prepare_mass(mass, func: Callable, spec: StateSpec, flat: torch.Tensor, t: torch.Tensor,
-                 method: Method, *, rtol: float, atol: float, jacobian: str, imex: bool,
-                 consistent_init: bool, params: list[torch.Tensor], collective: bool
+                 method: Method, opts: SolveOptions, *, imex: bool, consistent_init: bool,
+                 params: list[torch.Tensor], collective: bool
                  ) -> tuple[Mass | None, torch.Tensor, list[torch.Tensor]]:
     """Validate ``mass=``, check (or make) ``y0`` consistent, and place a trainable ``M``.
 
@@ -233,11 +293,9 @@ def prepare_mass(mass, func: Callable, spec: StateSpec, flat: torch.Tensor, t: t
         The right-hand side, the state layout, the flat ``y0`` and the output times.
     method : Method
         The scheme (implicit TSTHETA schemes only).
-    rtol, atol : float
-        The integrator's tolerances: ``y0`` counts as consistent when the Newton
-        correction that would make it so is below them (componentwise).
-    jacobian : str
-        ``options['jacobian']``.
+    opts : SolveOptions
+        The validated options; ``y0`` counts as consistent when the Newton correction
+        that would make it so is below ``rtol``/``atol`` (componentwise).
     imex : bool
         Whether ``func`` is a :class:`pnode.IMEX` split.
     consistent_init : bool
@@ -272,14 +330,9 @@ def prepare_mass(mass, func: Callable, spec: StateSpec, flat: torch.Tensor, t: t
     if trainable and collective:
         raise ValueError("a mass that requires grad is not supported with comm= (each rank's "
                          "mass is its local block); pass a mass without requires_grad")
-    _check_method(method, imex, alg_right.shape[1] > 0, jacobian)
+    _check_method(method, opts, imex, alg_right.shape[1] > 0)
     info = Mass(kind, m64, trainable, alg_left, alg_right, tuple(mass.shape),
                 tuple(spec.shapes[0]) if not spec.is_tuple else (spec.size,))
-    if trainable and method.ts_type == "theta" and not method.endpoint:
-        # found in testing: PETSc's one-stage (midpoint) adjoint gives a wrong mass gradient
-        raise ValueError("a mass that requires grad is supported by implicit_euler and "
-                         "trapezoid, not by the midpoint form of method='theta' (its mass "
-                         "gradient is not exact); use trapezoid or pass a constant mass")
     if trainable:
         params = [p for p in params if p is not m_user] + [m_user]
     if info.n_alg == 0:
@@ -288,7 +341,8 @@ def prepare_mass(mass, func: Callable, spec: StateSpec, flat: torch.Tensor, t: t
                              "(no algebraic equations)")
         return info, flat, params
     try:
-        flat = _consistent(func, spec, flat, t[0].detach(), info, rtol, atol, consistent_init)
+        flat = _consistent(func, spec, flat, t[0].detach(), info, opts.rtol, opts.atol,
+                          consistent_init)
     except (ValueError, TypeError):
         raise
     except Exception as exc:

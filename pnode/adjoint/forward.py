@@ -89,21 +89,18 @@ def forward_sweep(solver: TSSolver, y0: torch.Tensor, t: torch.Tensor, *,
 
 
 def _begin(solver: TSSolver, y0: torch.Tensor, record: bool) -> None:
-    ts, prob, policy = solver.ts, solver.problem, solver.opts.checkpoint
+    prob = solver.problem
     # A fresh trajectory per forward solve: PETSc's memory trajectory is not built to be
     # replayed twice (reusing it after an adjoint sweep can read freed stack entries).
     # Without a following adjoint no trajectory is kept at all.
-    ts.removeTrajectory()
-    if record and not policy.replays:
-        ts.setSaveTrajectory()
+    solver.ts.removeTrajectory()
+    solver.opts.checkpoint.begin_forward(solver, y0, record)  # what the policy records
     solver.petsc.configure()
     prob.reset_error()
     prob.forget_points()
-    solver.y0 = y0.clone() if policy.replays else None
-    prob.keep_graphs(record and policy.kind == "graph", policy.memory_mib)
     solver.log.start_time = _time.perf_counter()
     # the failure detector (and the fixed-grid step rule) after every accepted step
-    ts.setPostStep(solver.guard.post_step)
+    solver.ts.setPostStep(solver.guard.post_step)
 
 
 def _first_step(solver: TSSolver, tt: list[float], y0: torch.Tensor) -> None:

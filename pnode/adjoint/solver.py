@@ -31,7 +31,6 @@ from .options import SolveOptions
 from .problem import TorchProblem
 from .stats import SolveStats
 from .store import StateStore
-from .sweeps import ScheduledSweep, segmented_sweep
 
 __all__ = ["SolveOptions", "SolveStats", "TSSolver", "StateStore", "reason_name",
            "DENSE_JACOBIAN_MAX"]
@@ -121,21 +120,4 @@ class TSSolver:
         grad_params : Tensor
             ``[n_params]`` gradient with respect to the parameters.
         """
-        policy = self.opts.checkpoint
-        if not policy.replays:
-            return segmented_sweep(self, grad_ys)
-        return ScheduledSweep(self, _schedule(policy, self.seg_steps[-1]),
-                              policy.directory).run(grad_ys)
-
-
-def _schedule(policy, n: int):
-    import checkpoint_schedules as cs
-
-    if n == 0:
-        return ()
-    if policy.kind == "binomial":
-        # The multistage generator with no disk slots yields the optimal binomial (Revolve)
-        # schedule lazily; cs.Revolve precomputes every action (5.8 MiB for 2000 steps).
-        return cs.MultistageCheckpointSchedule(n, policy.budget, 0)
-    disk = n if policy.disk_budget is None else policy.disk_budget
-    return cs.MultistageCheckpointSchedule(n, policy.budget, disk)
+        return self.opts.checkpoint.adjoint(self, grad_ys)

@@ -14,6 +14,7 @@ Two sweeps share one set-up and tear-down (:class:`AdjointSweep`):
 
 from __future__ import annotations
 
+import math
 import time as _time
 from typing import TYPE_CHECKING
 
@@ -54,7 +55,9 @@ class AdjointSweep:
         self.vjps, self.graph_hits = prob.counters.vjp, prob.counters.graph_hits
         self.start = _time.perf_counter()
         vec_view(s.lam, "w").copy_(self.grad_ys[-1])
-        if s.n_params:
+        if prob.param_grad is not None:  # accumulated by the problem (explicit RK)
+            prob.param_grad.reset()
+        elif s.n_params:
             vec_view(s.mu, "w").zero_()
         return self
 
@@ -77,8 +80,10 @@ class AdjointSweep:
     def check_finite(self, t: float, steps: int, hint: str = "") -> None:
         """Raise :class:`pnode.SolverError` if the adjoint is NaN/Inf (on any rank)."""
         s = self.solver
-        ok = bool(torch.isfinite(vec_view(s.lam)).all())
-        ok = ok and (not s.n_params or bool(torch.isfinite(vec_view(s.mu)).all()))
+        ok = _finite(vec_view(s.lam))
+        if s.n_params:
+            pg = s.problem.param_grad
+            ok = ok and (pg.finite() if pg is not None else _finite(vec_view(s.mu)))
         if not (ok if s.dist is None else s.dist.all_true(ok)):
             s.busy = False
             s.petsc.configure()
@@ -98,7 +103,8 @@ class AdjointSweep:
         s = self.solver
         if not s.n_params:
             return torch.zeros(0, dtype=torch.float64)
-        mu = vec_view(s.mu).clone()
+        pg = s.problem.param_grad
+        mu = pg.value(s.n_params) if pg is not None else vec_view(s.mu).clone()
         return s.dist.sum(mu) if s.dist is not None else mu
 
 
@@ -114,6 +120,11 @@ def _check_seed(solver: TSSolver, grad_ys: torch.Tensor) -> None:
     raise ValueError(f"the gradient of the loss with respect to the solution is NaN or Inf {where}: "
                      "the backward seed comes from the loss, check it (e.g. with "
                      "torch.autograd.set_detect_anomaly) before blaming the ODE solve")
+
+
+def _finite(x: torch.Tensor) -> bool:
+    # one reduction; a non-finite sum is re-checked element by element (it can overflow)
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def segmented_sweep(solver: TSSolver, grad_ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,13 +30,23 @@ from .digits import Digits
 from .pde import BurgersClosure
 from .rmtr import DigitsRMTR
 from .rober import RoberKinetics
-from .runner import CheckpointError, Example, ExampleError, NotParallelError, Option, RunResult, run_example
+from .runner import (
+    CheckpointError,
+    Example,
+    ExampleError,
+    InterruptedRun,
+    NotParallelError,
+    Option,
+    RunResult,
+    UsageError,
+    run_example,
+)
 from .snopt import DigitsSNOpt
 from .spiral import Spiral
 
 __all__ = ["EXAMPLES", "run", "Example", "Option", "RunResult", "ExampleError", "CheckpointError",
            "Spiral", "CNF2D", "CNFTabular", "Digits", "RoberKinetics", "BurgersClosure", "DigitsSNOpt"]
-__all__ += ["NotParallelError", "DigitsRMTR"]
+__all__ += ["NotParallelError", "DigitsRMTR", "UsageError", "InterruptedRun"]
 
 #: example name -> class, in the order ``pnode run --list`` shows them
 EXAMPLES: dict[str, type[Example]] = {

@@ -22,10 +22,12 @@ draws its figures.  Everything else is done here, once for all examples:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
 import platform
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -39,7 +41,8 @@ from torch import nn
 from .._petsc import is_number, option_value
 from .distributed import RunComm, StopRequest
 
-__all__ = ["Example", "Option", "ExampleError", "CheckpointError", "NotParallelError", "RunResult",
+__all__ = ["Example", "Option", "ExampleError", "UsageError", "CheckpointError", "NotParallelError",
+           "InterruptedRun", "RunResult",
            "run_example", "build_parser", "CHECKPOINT_NAME", "METRICS_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -52,6 +55,32 @@ _RESUMABLE_CHANGES = {"iters", "checkpoint_every", "progress", "threads", "out",
 
 class ExampleError(Exception):
     """A user-facing problem with a ``pnode run`` invocation (bad option, output folder, ...)."""
+
+
+class UsageError(ExampleError):
+    """A command line that cannot describe a run: a bad option value, an unwritable ``--out``.
+
+    ``pnode run`` exits with status 2 for it, as argparse does for a malformed flag.
+    """
+
+
+class InterruptedRun(ExampleError):
+    """Training stopped by SIGINT / SIGTERM after writing the resumable checkpoint.
+
+    ``pnode run`` exits with ``128 + signal number`` (130 for Ctrl-C, 143 for SIGTERM),
+    as a shell does for a job ended by that signal.
+    """
+
+    def __init__(self, message: str, signal_name: str | None) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+
+    @property
+    def exit_status(self) -> int:
+        import signal
+
+        sig = getattr(signal, self.signal_name or "SIGINT", signal.SIGINT)
+        return 128 + int(sig)
 
 
 class CheckpointError(ExampleError):
@@ -311,9 +340,9 @@ def _resolve(cls: type[Example], ns: argparse.Namespace,
         v = cfg[name]
         if o.type is float and isinstance(v, float) and not math.isfinite(v):
             # argparse's float() accepts "nan" and "inf"; no example option means either
-            raise ExampleError(f"Invalid --{name.replace('_', '-')} {v}: pass a finite number")
+            raise UsageError(f"Invalid --{name.replace('_', '-')} {v}: pass a finite number")
     if isinstance(cfg.get("lr"), float) and not cfg["lr"] > 0:
-        raise ExampleError(f"Invalid --lr {cfg['lr']}: the learning rate must be positive")
+        raise UsageError(f"Invalid --lr {cfg['lr']}: the learning rate must be positive")
     if saved is not None:
         changed = sorted(k for k in cfg if k not in _RESUMABLE_CHANGES and k in saved
                          and k != "quick" and cfg[k] != saved[k])
@@ -339,25 +368,47 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
 
 
-def save_checkpoint(path: Path, example: Example, iteration: int, history: Mapping[str, list]) -> None:
-    """Write the training state atomically (only tensors and primitive containers)."""
-    state = {
+def _training_state(example: Example) -> dict[str, Any]:
+    """Model, optimizer, extra state and RNGs: what one iteration changes."""
+    return {"model": example.model.state_dict(), "optimizer": example.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "generator": example.generator.get_state()},
+            "extra": example.extra_state()}
+
+
+def _snapshot(example: Example) -> dict[str, Any]:
+    """A private copy of :func:`_training_state`, taken before an iteration changes anything.
+
+    A hard interrupt (a second Ctrl-C) can land anywhere in an iteration, e.g. between
+    the optimizer's update of its moments and of the parameters; the checkpoint then
+    holds this copy, i.e. exactly the state after the previous iteration.
+    """
+    return copy.deepcopy(_training_state(example))
+
+
+def save_checkpoint(path: Path, example: Example, iteration: int, history: Mapping[str, list],
+                    state: Mapping[str, Any] | None = None) -> None:
+    """Write the training state atomically (only tensors and primitive containers).
+
+    ``state``: a :func:`_snapshot` to write instead of the example's current state.
+    """
+    full = {
         "format": _FORMAT,
         "version": _FORMAT_VERSION,
         "example": example.name,
         "config": {k: v for k, v in example.config.items() if k != "out"},
         "iteration": int(iteration),
-        "model": example.model.state_dict(),
-        "optimizer": example.optimizer.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "generator": example.generator.get_state()},
+        **(state if state is not None else _training_state(example)),
         "history": {k: list(v) for k, v in history.items()},
-        "extra": example.extra_state(),
     }
-    _atomic_write(path, lambda p: torch.save(state, p))
+    _atomic_write(path, lambda p: torch.save(full, p))
 
 
 def load_checkpoint(path: Path, name: str) -> dict[str, Any]:
     """Read and validate a checkpoint of example ``name``; raise :class:`CheckpointError`."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes: a copy or a disk that failed); it "
+                              "was left as it is (start a new run in another --out, or use --overwrite "
+                              "to replace it)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged or unsafe file
@@ -381,13 +432,23 @@ def load_checkpoint(path: Path, name: str) -> dict[str, Any]:
 
 
 def _check_writable(out: Path) -> None:
-    """Refuse an output folder (or the parent it would be created in) that cannot be written."""
+    """Refuse an output folder (or the parent it would be created in) that cannot be written.
+
+    Tried, not inferred from permission bits: ``os.access`` says yes to root on a
+    read-only mount or a 0o555 folder, and the run would fail only at its first checkpoint.
+    """
     probe = out
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        raise ExampleError(f"--out {out}: cannot write to {probe} (permission denied); "
-                           "choose another --out")
+    if not probe.is_dir():
+        raise UsageError(f"--out {out}: {probe} is a file, not a folder; choose another --out")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".pnode-probe-", dir=probe)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write to {probe} ({e.strerror or type(e).__name__}); "
+                         "choose another --out") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def _prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
@@ -582,9 +643,26 @@ def _restore(example: Example, saved: Mapping[str, Any], out: Path) -> None:
     example.generator.set_state(saved["rng"]["generator"])
 
 
-def _interrupted(cls: type[Example], it: int, ckpt: Path, out: Path, how: str) -> ExampleError:
-    return ExampleError(f"interrupted after iteration {it} ({how}); checkpoint written to {ckpt}, "
-                        f"continue with: pnode run {cls.name} --out {out} --resume")
+def _interrupted(cls: type[Example], it: int, ckpt: Path, out: Path, how: str) -> InterruptedRun:
+    return InterruptedRun(f"interrupted after iteration {it} ({how}); checkpoint written to {ckpt}, "
+                          f"continue with: pnode run {cls.name} --out {out} --resume",
+                          how if how.startswith("SIG") else None)
+
+
+def _step(example: Example, it: int, stop: StopRequest) -> tuple[float, BaseException | None]:
+    """Iteration ``it``: its loss, or the error to agree on with the other ranks."""
+    try:
+        loss = float(example.train_step(it))
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # agreed with the other ranks by the caller, then re-raised
+        if stop.count > 1:  # a second signal, turned into an error by a PETSc callback
+            raise KeyboardInterrupt from None
+        return math.nan, e
+    if not math.isfinite(loss):
+        return loss, ExampleError(f"the training loss is {loss} at iteration {it + 1}; "
+                                  "lower --lr or change the solver options")
+    return loss, None
 
 
 def _train(cls: type[Example], cfg: dict[str, Any], out: Path, saved: Mapping[str, Any] | None,
@@ -601,10 +679,10 @@ def _train(cls: type[Example], cfg: dict[str, Any], out: Path, saved: Mapping[st
         start = int(saved["iteration"])
     ckpt = out / CHECKPOINT_NAME
 
-    def checkpoint(iteration: int) -> None:
+    def checkpoint(iteration: int, state: Mapping[str, Any] | None = None) -> None:
         if rc.root:
             out.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(ckpt, example, iteration, history)
+            save_checkpoint(ckpt, example, iteration, history, state)
 
     iters, every = int(cfg["iters"]), int(cfg["checkpoint_every"])
     t_offset = history["time"][-1] if history["time"] else 0.0
@@ -613,36 +691,22 @@ def _train(cls: type[Example], cfg: dict[str, Any], out: Path, saved: Mapping[st
     t0 = time.perf_counter()
     it = start
     with StopRequest() as stop:
+        snap: tuple[int, dict[str, Any]] | None = None
         try:
             while it < iters:
-                # a hard interrupt inside the iteration rolls the RNGs back: the checkpoint then
-                # holds exactly the state after iteration `it`, and --resume repeats the rest
-                rng = (torch.get_rng_state(), example.generator.get_state())
-                error: BaseException | None = None
-                try:
-                    loss = float(example.train_step(it))
-                    if not math.isfinite(loss):
-                        error = ExampleError(f"the training loss is {loss} at iteration {it + 1}; "
-                                             "lower --lr or change the solver options")
-                except KeyboardInterrupt:
-                    torch.set_rng_state(rng[0])
-                    example.generator.set_state(rng[1])
-                    raise
-                except Exception as e:  # agreed with the other ranks below, then re-raised
-                    if stop.count > 1:  # a second signal, turned into an error by a PETSc callback
-                        torch.set_rng_state(rng[0])
-                        example.generator.set_state(rng[1])
-                        raise KeyboardInterrupt from None
-                    error = e
+                # the state after iteration `it`: what a hard interrupt inside the next one writes
+                snap = (it, _snapshot(example))
+                loss, error = _step(example, it, stop)
                 halt, failure = rc.agree(stop.requested, error)
                 if failure is not None:
                     if error is not None:
                         raise error
                     raise ExampleError(f"training stopped at iteration {it + 1} because it failed on "
                                        f"{failure}")
-                it += 1
                 history["loss"].append(loss)
                 history["time"].append(t_offset + time.perf_counter() - t0)
+                it += 1
+                snap = None  # from here on the example's own state is that of iteration `it`
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4g}")
                 if halt:
@@ -652,7 +716,12 @@ def _train(cls: type[Example], cfg: dict[str, Any], out: Path, saved: Mapping[st
                 if every and it % every == 0 and it < iters:
                     checkpoint(it)
         except KeyboardInterrupt:
-            checkpoint(it)
+            state = None
+            if snap is not None:  # interrupted inside an iteration: write the state before it
+                it, state = snap
+                for v in history.values():
+                    del v[it:]
+            checkpoint(it, state)
             bar.close()
             raise _interrupted(cls, it, ckpt, out, stop.signal_name or "KeyboardInterrupt") from None
     bar.close()

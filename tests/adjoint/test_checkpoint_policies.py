@@ -246,3 +246,33 @@ def test_no_grad_forward_records_nothing():
     assert _last["solver"].busy  # with grad enabled the trajectory waits for backward
     ys.sum().backward()
     assert not _last["solver"].busy
+
+
+def test_policies_are_classes_owning_their_behaviour():
+    policies = [pnode.Checkpoint("stages"), pnode.Checkpoint.parse("solution"),
+                pnode.Checkpoint.graph(1.0), pnode.Checkpoint.binomial(2)]
+    assert all(isinstance(p, pnode.Checkpoint) for p in policies)
+    assert len({type(p) for p in policies}) == 4  # one class per policy
+    assert [p.replays for p in policies] == [False, False, False, True]
+    assert [p.petsc_defaults()["ts_trajectory_solution_only"] for p in policies[:3]] == ["0", "1", "0"]
+    assert repr(policies[3]).startswith("Checkpoint(kind='binomial', budget=2")
+
+
+def test_unknown_schedule_action_is_refused(monkeypatch):
+    from pnode.adjoint import checkpoint as ck
+
+    class Bogus:
+        pass
+
+    monkeypatch.setattr(type(pnode.Checkpoint.binomial(2)), "schedule", lambda self, n: iter([Bogus()]))
+    func = TimeMLP().double()
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    ys = pnode.odeint(func, y0, T, method="rk4", options={"step_size": 0.1},
+                      checkpoint=ck.Checkpoint.binomial(2))
+    with pytest.raises(NotImplementedError, match="Bogus.*has no handler"):
+        ys.sum().backward()
+    monkeypatch.undo()
+    ys = pnode.odeint(func, y0, T, method="rk4", options={"step_size": 0.1},
+                      checkpoint=pnode.Checkpoint.binomial(2))
+    ys.sum().backward()  # the solver stays usable
+    assert torch.isfinite(y0.grad).all()

@@ -280,7 +280,11 @@ def test_sigint_during_backward_is_a_prompt_keyboard_interrupt(tmp_path, method,
 @pytest.mark.timeout(120)
 def test_sigterm_during_disk_checkpointed_backward_terminates_and_cleans_up(tmp_path):
     proc = _start(tmp_path, "rk4", "disk", str(tmp_path))
-    assert list(tmp_path.glob("pnode-checkpoints-*"))  # the sweep is writing states
+    for _ in range(200):  # until the sweep is writing states (a wall-clock guard, 20 s)
+        if list(tmp_path.glob("pnode-checkpoints-*/state-*")):
+            break
+        time.sleep(0.1)
+    assert list(tmp_path.glob("pnode-checkpoints-*/state-*"))
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGTERM, err[-3000:]  # Python's default: killed by SIGTERM

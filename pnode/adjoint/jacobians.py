@@ -1,0 +1,113 @@
+"""Assembled Jacobians of an implicit ``func``: dense, or per-sample diagonal blocks.
+
+Small implicit systems get their Jacobian ``df/dx`` assembled from batched
+backward passes, and PETSc solves with it directly (LU), which keeps the
+transposed adjoint solves exact.  A state whose first axis is a batch of
+independent samples can instead assemble only the ``[B, d, d]`` diagonal blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from petsc4py import PETSc
+
+__all__ = ["dense_jacobian", "block_jacobian", "engine_grad", "fill_dense", "fill_blocks"]
+
+
+def engine_grad(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], v: torch.Tensor,
+                retain: bool) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad(out, inputs, v, retain_graph=retain, allow_unused=True)``.
+
+    Calls the autograd engine directly: the public wrapper re-validates shapes and
+    dtypes on every call, which costs about 30 us, as much as the backward pass of a
+    small network, on a path taken once per stage.  Shapes and dtypes are checked
+    by the engine (``out`` is flat and ``v`` has its shape and dtype).
+    """
+    return _ENGINE.run_backward((out,), (v,), retain, False, inputs, True, False)
+
+
+def _public_grad(out, inputs, v, retain):
+    return torch.autograd.grad(out, inputs, v, retain_graph=retain, allow_unused=True)
+
+
+_ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
+if _ENGINE is None or not hasattr(_ENGINE, "run_backward"):  # a torch without it
+    engine_grad = _public_grad  # noqa: F811
+
+
+#: up to this many rows, one backward pass per row beats a batched (vmapped) backward,
+#: whose set-up costs about as much as 30 small backward passes
+ROW_LOOP_MAX = 24
+
+
+def dense_jacobian(xr: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """df/dx of the graph ``out = f(xr)``, by backward passes over the identity.
+
+    One pass per row for small systems, else one batched pass.  The graph is
+    retained, so the parameter products PETSc asks for next at the same stage
+    reuse it.
+    """
+    eye = torch.eye(out.numel(), dtype=out.dtype)
+    if out.numel() <= ROW_LOOP_MAX:
+        return torch.stack([_row(out, xr, e) for e in eye]).to(torch.float64)
+    try:
+        (jac,) = torch.autograd.grad(out, xr, eye, retain_graph=True, is_grads_batched=True)
+    except RuntimeError:  # an op without a batching rule: one vjp per row
+        jac = torch.stack([torch.autograd.grad(out, xr, e, retain_graph=True)[0] for e in eye])
+    return jac.to(torch.float64)
+
+
+def _row(out: torch.Tensor, xr: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    (g,) = engine_grad(out, (xr,), e, True)
+    return torch.zeros_like(xr) if g is None else g
+
+
+def block_jacobian(xr: torch.Tensor, out: torch.Tensor, batch: int, check: bool) -> torch.Tensor:
+    """Per-sample blocks ``[B, d, d]`` of df/dx, by d batched backward passes.
+
+    Valid when func treats the samples of the first axis independently (no batch
+    statistics); with ``check`` that is verified against one full vjp.
+
+    Raises
+    ------
+    ValueError
+        ``check`` found the samples coupled.
+    """
+    d = out.numel() // batch
+    seeds = torch.eye(d, dtype=out.dtype).unsqueeze(1).expand(d, batch, d).reshape(d, -1)
+    (rows,) = torch.autograd.grad(out, xr, seeds, retain_graph=True, is_grads_batched=True)
+    blocks = rows.reshape(d, batch, d).transpose(0, 1).to(torch.float64)  # [B, i, j] = df_i/dx_j
+    if check:
+        v = torch.randn(out.numel(), dtype=out.dtype)
+        (full,) = torch.autograd.grad(out, xr, v, retain_graph=True)
+        approx = torch.einsum("bij,bi->bj", blocks, v.reshape(batch, d).to(torch.float64))
+        err = float((approx.reshape(-1) - full.to(torch.float64)).norm())
+        if err > 1e-8 * max(float(full.norm()), 1e-300):
+            raise ValueError(
+                "options['jacobian']='blocks' needs a func that treats the samples of the "
+                "state's first axis independently, but this func couples them (e.g. batch "
+                "statistics); use jacobian='dense' or 'matfree'")
+    return blocks
+
+
+def fill_dense(P: PETSc.Mat, jac: torch.Tensor, shift: float, mass=None) -> None:
+    """Assemble ``shift * M - df/dx`` (``M``: the identity, or a ``dae.Mass``) into dense ``P``."""
+    A = torch.from_numpy(P.getDenseArray())  # column-major view of the local dense block
+    A.copy_(-jac)
+    if mass is None:
+        A.diagonal().add_(shift)
+    else:
+        mass.add_shifted(A, shift)
+    P.assemble()
+
+
+def fill_blocks(P: PETSc.Mat, blocks: torch.Tensor, shift: float) -> None:
+    """Assemble ``shift * I - blocks`` into the block-diagonal BAIJ matrix ``P``."""
+    batch = blocks.shape[0]
+    blocks = -blocks
+    blocks.diagonal(dim1=1, dim2=2).add_(shift)
+    it = PETSc.IntType
+    P.setValuesBlockedCSR(np.arange(batch + 1, dtype=it), np.arange(batch, dtype=it),
+                          blocks.reshape(-1).numpy())
+    P.assemble()
