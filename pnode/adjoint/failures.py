@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .solver import TSSolver
 
 __all__ = ["petsc_reason", "reason_name", "sync", "fail", "nonfinite_adjoint",
-           "too_many_fixed_steps", "describe_petsc_error", "options_error"]
+           "too_many_fixed_steps", "describe_petsc_error", "options_error", "OptionsError"]
 
 _HINTS = {
     Reason.DIVERGED_NONLINEAR_SOLVE: "Newton failed; try smaller steps, an implicit method with "
@@ -216,7 +216,25 @@ def nonfinite_adjoint(t: float, steps: int, hint: str = "") -> SolverError:
                        reason=Reason.DIVERGED_NONFINITE, steps=steps, phase="adjoint")
 
 
+class OptionsError(ValueError, PETSc.Error):
+    """Options PETSc refused: bad input (a ``ValueError``), and still the ``PETSc.Error`` it was.
+
+    Code that catches ``PETSc.Error`` (e.g. ``pnode run``'s error report) keeps working;
+    ``ierr`` is PETSc's error code.
+    """
+
+    def __init__(self, message: str, ierr: int | None) -> None:
+        ValueError.__init__(self, message)
+        self.ierr = ierr
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def __repr__(self) -> str:
+        return f"OptionsError({self.args[0]!r})"
+
+
 def options_error(exc: Exception) -> ValueError:
     """A PETSc error while applying options (``setFromOptions``): bad input, said plainly."""
-    return ValueError("PETSc refused this solve's options (petsc_options, or -pnode_ options on "
-                      f"the command line): {describe_petsc_error(exc)}")
+    return OptionsError("PETSc refused this solve's options (petsc_options, or -pnode_ options "
+                        f"on the command line): {describe_petsc_error(exc)}", getattr(exc, "ierr", None))
