@@ -118,7 +118,8 @@ def gradient(cfg: str, func: torch.nn.Module, y0: torch.Tensor, t: torch.Tensor,
 
 
 def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int,
-                        warmup: int = 1) -> dict[str, float]:
+                        warmup: int = 1, clock: Callable[[], float] = time.perf_counter
+                        ) -> dict[str, float]:
     """Median wall time of each callable, calling them round-robin so load changes hit all alike.
 
     Parameters
@@ -129,6 +130,9 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int,
         Timed calls of each callable.
     warmup : int
         Untimed calls of each callable first (solver caches, allocator).
+    clock : callable
+        The clock: wall time by default; ``time.process_time`` counts this process's
+        CPU time only, which on a shared machine is far less disturbed by other load.
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -136,9 +140,9 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int,
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            s = time.perf_counter()
+            s = clock()
             fn()
-            times[k].append(time.perf_counter() - s)
+            times[k].append(clock() - s)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -4,7 +4,10 @@ Run alone: ``python -m benchmarks.small [--quick]``.  Every time is one training
 iteration (forward + gradient of ``sum(y(1)**2)`` into ``.grad``), float64, one
 torch thread; the configurations of one row are called round-robin in this
 process and the numbers are medians, so every ratio compares timings taken
-under the same machine load.
+under the same machine load.  The clock is this process's CPU time by default
+(``--clock cpu``; one torch thread and serial PETSc, so it equals wall time on an
+idle machine) because on a shared machine wall time mostly measures the other
+load; ``--clock wall`` times wall-clock.
 
 - *RK4 rows*: MLP 2-16-2 (batch 16, 50 steps), MLP 32-128-32 (batch 256,
   20 steps) and a two-layer 3x3 convolution field on 16 channels of 8x8 (batch
@@ -22,6 +25,7 @@ under the same machine load.
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -147,13 +151,17 @@ def iteration(cfg: str, func: nn.Module, y0: torch.Tensor, t: torch.Tensor,
     return run
 
 
-def time_cases(cases, configs, repeats: int) -> list[dict]:
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def time_cases(cases, configs, repeats: int, clock: str = "cpu") -> list[dict]:
     """Round-robin medians (seconds per iteration) of every configuration on every case."""
     rows = []
     for case in cases:
         func, y0, t = case.build()
         fns = {c: iteration(c, func, y0, t, case.steps) for c in configs}
-        rows.append({"case": asdict(case), "seconds": interleaved_medians(fns, repeats)})
+        rows.append({"case": asdict(case),
+                     "seconds": interleaved_medians(fns, repeats, clock=CLOCKS[clock])})
     return rows
 
 
@@ -178,10 +186,10 @@ def _euler_fns(steps: int) -> dict[str, Callable[[], None]]:
     return {f"pnode-{steps}": pnode_run, f"backprop-{steps}": backprop_run}
 
 
-def fixed_cost(repeats: int, extra: int = 20) -> dict:
+def fixed_cost(repeats: int, extra: int = 20, clock: str = "cpu") -> dict:
     """Linear(4, 4) with Euler: one-step time, per-extra-step slope and the fixed part (seconds)."""
     fns = {**_euler_fns(1), **_euler_fns(1 + extra)}
-    med = interleaved_medians(fns, repeats, warmup=2)
+    med = interleaved_medians(fns, repeats, warmup=2, clock=CLOCKS[clock])
     out = {"extra_steps": extra}
     for who in ("pnode", "backprop"):
         one, many = med[f"{who}-1"], med[f"{who}-{1 + extra}"]
@@ -190,7 +198,7 @@ def fixed_cost(repeats: int, extra: int = 20) -> dict:
     return out
 
 
-def rober(repeats: int) -> dict:
+def rober(repeats: int, clock: str = "cpu") -> dict:
     """ROBER [0, 100], kencarp4 rtol 1e-6 solve + gradient and scipy Radau forward-only, round-robin."""
     import numpy as np
     from scipy.integrate import solve_ivp
@@ -212,22 +220,25 @@ def rober(repeats: int) -> dict:
     ref = reference_gradient(system, np.array(case.y0), np.array(case.t), np.array(case.weights),
                              case.ref_atol)[0]
     med = interleaved_medians({"pnode": lambda: stiff._pnode_gradient(case, "kencarp4", 1e-6, 1e-10),
-                               "radau": radau}, repeats)
+                               "radau": radau}, repeats, clock=CLOCKS[clock])
     e0, ep = stiff._errors(got, ref, len(case.y0))
     return {"pnode_seconds": med["pnode"], "radau_seconds": med["radau"],
             "ratio": med["pnode"] / med["radau"], "err_y0": e0, "err_p": ep}
 
 
 def run(quick: bool = False, rk4_cases=RK4_CASES, adaptive_cases=ADAPTIVE_CASES,
-        repeats: int | None = None) -> dict:
+        repeats: int | None = None, clock: str = "cpu") -> dict:
     """Every part of the section (see the module docstring); seconds per iteration."""
+    if clock not in CLOCKS:
+        raise ValueError(f"Invalid clock {clock!r}; choose one of {sorted(CLOCKS)}")
     torch.set_num_threads(1)
     repeats = repeats or (3 if quick else 7)
     return {
-        "rk4": time_cases(rk4_cases, RK4_CONFIGS, repeats),
-        "fixed": fixed_cost(max(repeats, 5) * 3),
-        "rober": rober(max(repeats // 2, 1)),
-        "adaptive": time_cases(adaptive_cases, ADAPTIVE_CONFIGS, max(repeats // 2, 1)),
+        "clock": clock,
+        "rk4": time_cases(rk4_cases, RK4_CONFIGS, repeats, clock),
+        "fixed": fixed_cost(max(repeats, 5) * 3, clock=clock),
+        "rober": rober(max(repeats // 2, 1), clock),
+        "adaptive": time_cases(adaptive_cases, ADAPTIVE_CONFIGS, max(repeats // 2, 1), clock),
     }
 
 
@@ -277,7 +288,8 @@ def tables(res: dict) -> str:
                 for r in res["adaptive"]]
     return "\n\n".join([
         "### 6. Small problems (issue 17)\n\nTime per training iteration (forward + gradient of "
-        "sum(y(1)^2)), float64, 1 thread, configurations of a row timed round-robin in one process "
+        f"sum(y(1)^2); {'CPU time of the process' if res.get('clock', 'cpu') == 'cpu' else 'wall time'}"
+        "), float64, 1 thread, configurations of a row timed round-robin in one process "
         "(medians). RK4 fixed steps on [0, 1]; ratio to plain-torch backprop through the same "
         "classical RK4 loop (torchdiffeq's rk4 is the 3/8 rule, same cost).",
         md_table(["problem", "RK4 steps", *RK4_CONFIGS, "backprop (ms)"], rk4),
@@ -298,7 +310,9 @@ def tables(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
-    print(tables(run(ap.parse_args().quick)))
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
+    args = ap.parse_args()
+    print(tables(run(args.quick, clock=args.clock)))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
-"""PETSc initialisation: command-line options reach PETSc's options database."""
+"""PETSc initialisation and PETSc's options database.
+
+- :func:`init_petsc`: command-line options reach PETSc's options database.
+- :func:`inserted_options`: the one options manager; options are inserted around a
+  set-up or solve and removed (or restored) after it.  Used by the engine (a
+  solver's defaults and forced values) and by ``pnode run`` (command-line options
+  for the run).
+"""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
-__all__ = ["init_petsc", "petsc_argv", "option_value", "is_number"]
+__all__ = ["init_petsc", "petsc_argv", "option_value", "is_number", "inserted_options"]
 
 # Command-line arguments PETSc should see: pnode's solver prefix and PETSc's own families.
 _PETSC_PREFIXES = ("-pnode_", "-log_", "-info", "-help", "-options_", "-malloc", "-on_error",
@@ -62,3 +70,42 @@ def init_petsc() -> None:
 
     if "petsc4py.PETSc" not in sys.modules:
         petsc4py.init(["pnode", "-no_signal_handler", *petsc_argv(sys.argv)])
+
+
+@contextmanager
+def inserted_options(values: Mapping[str, str], *, override: bool = False) -> Iterator[None]:
+    """Insert options into PETSc's database around a block; remove or restore them after.
+
+    Parameters
+    ----------
+    values : mapping of str to str
+        Full option names (with any prefix, without the leading ``-``) and values.
+    override : bool, default False
+        ``False``: an option already in the database (e.g. from the command line)
+        wins, and only the missing ones are inserted (and removed after).  ``True``:
+        every value applies inside the block, and the previous values (or their
+        absence) are restored after.
+
+    Examples
+    --------
+    >>> with inserted_options({"pnode_ts_adapt_type": "none"}):  # doctest: +SKIP
+    ...     ts.setFromOptions()
+    """
+    from petsc4py import PETSc
+
+    db = PETSc.Options()
+    restore: dict[str, str | None] = {}
+    for name, value in values.items():
+        present = db.hasName(name)
+        if present and not override:
+            continue
+        restore[name] = db.getString(name) if present else None
+        db.setValue(name, value)
+    try:
+        yield
+    finally:
+        for name, old in restore.items():
+            if old is None:
+                db.delValue(name)
+            else:
+                db.setValue(name, old)

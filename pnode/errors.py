@@ -74,18 +74,22 @@ class SolverError(PnodeError):
 
 
 class CheckpointError(PnodeError, OSError):
-    """Checkpoints could not be written (e.g. a full disk during ``Checkpoint.disk``).
+    """A checkpoint could not be written or used.
 
-    The files already written are removed and the solver stays usable.
+    The one checkpoint exception of pnode: adjoint checkpoints that could not be
+    written (e.g. a full disk during ``Checkpoint.disk``: the files already
+    written are removed and the solver stays usable), and, as its subclass
+    ``pnode.examples.runner.ResumeError``, a training checkpoint ``pnode run
+    --resume`` cannot use.
 
     Parameters
     ----------
     message : str
         What happened and what to try.
-    directory : str
+    directory : str, optional
         The checkpoint directory.
     """
 
-    def __init__(self, message: str, *, directory: str) -> None:
+    def __init__(self, message: str, *, directory: str | None = None) -> None:
         super().__init__(message)
         self.directory = directory

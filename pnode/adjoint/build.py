@@ -14,11 +14,13 @@ from contextlib import contextmanager
 
 from petsc4py import PETSc
 
+from .._petsc import inserted_options
 from . import failures
 from .detector import MAX_REJECTIONS
 from .methods import Method
 from .observers import stage_weights
 from .problem import TorchProblem
+from .trajectory import configure_memory_trajectory
 
 __all__ = ["TSObjects", "DENSE_JACOBIAN_MAX"]
 
@@ -57,6 +59,7 @@ class TSObjects:
         self.problem, self.method, self.opts, self.comm, self.fixed = \
             problem, method, opts, comm, fixed
         self._objs: list = []
+        self.destroyed = False
         self.adjoint_mode = False
         self.ts = PETSc.TS().create(comm=comm)
         self._objs.append(self.ts)
@@ -177,6 +180,7 @@ class TSObjects:
         for obj in reversed(self._objs):
             obj.destroy()
         self._objs.clear()
+        self.destroyed = True
 
     # -- options ------------------------------------------------------------------------
     def defaults(self) -> dict[str, str]:
@@ -222,29 +226,13 @@ class TSObjects:
         ``force`` holds values that must apply whatever the command line says (they
         are restored afterwards).
         """
-        db = PETSc.Options()
         pre = self.opts.options_prefix
-        saved = {}
-        for k, v in (force or {}).items():
-            saved[pre + k] = db.getString(pre + k) if db.hasName(pre + k) else None
-            db.setValue(pre + k, v)
-        added = []
-        for k, v in self.defaults().items():
-            # TSTrajectory reads its options without the TS prefix (petsc4py cannot set one).
-            name = k if k.startswith("ts_trajectory_") else pre + k
-            if not db.hasName(name):
-                db.setValue(name, v)
-                added.append(name)
-        try:
+        # TSTrajectory reads its options without the TS prefix (petsc4py cannot set one).
+        defaults = {(k if k.startswith("ts_trajectory_") else pre + k): v
+                    for k, v in self.defaults().items()}
+        with inserted_options({pre + k: v for k, v in (force or {}).items()}, override=True), \
+                inserted_options(defaults):
             yield
-        finally:
-            for name in added:
-                db.delValue(name)
-            for name, v in saved.items():
-                if v is None:
-                    db.delValue(name)
-                else:
-                    db.setValue(name, v)
 
     def configure(self, force: dict[str, str] | None = None) -> None:
         """Apply the options to the TS (``setFromOptions``); leaves adjoint mode."""
@@ -254,6 +242,27 @@ class TSObjects:
             except PETSc.Error as exc:
                 raise failures.options_error(exc) from None
         self.adjoint_mode = False
+        self._plain = force is None
+
+    def configure_forward(self) -> None:
+        """:meth:`configure` for a forward solve, or only its fresh trajectory's settings.
+
+        An explicit method's TS that the last :meth:`configure` (without ``force``) left
+        as it is needs nothing but the new trajectory's type and flags
+        (:mod:`.trajectory`), which saves a whole ``TSSetFromOptions``.  (So options
+        put into PETSc's database after a solver was built reach it after the next
+        change pnode makes, or in a new solver.)
+        """
+        traj = {k: v for k, v in self.defaults().items() if k.startswith("ts_trajectory_")}
+        flags = {k: traj.get(k) for k in ("ts_trajectory_use_history", "ts_trajectory_solution_only")}
+        if not (getattr(self, "_plain", False) and self.problem.implicit is None
+                and not self.adjoint_mode and traj.get("ts_trajectory_type") == "memory"
+                and len(traj) == 3 and all(v in ("0", "1") for v in flags.values())):
+            self.configure()
+            return
+        configure_memory_trajectory(
+            self.ts, use_history=flags["ts_trajectory_use_history"] == "1",
+            solution_only=flags["ts_trajectory_solution_only"] == "1")
 
     def set_adjoint_mode(self, on: bool) -> None:
         """Switch SNES Jacobian lagging off for the adjoint sweep, and back.
@@ -266,19 +275,10 @@ class TSObjects:
             return
         snes = self.ts.getSNES()
         if on:
-            db, pre = PETSc.Options(), self.opts.options_prefix
-            saved = {k: db.getString(pre + k) if db.hasName(pre + k) else None
-                     for k in ("snes_lag_jacobian", "snes_lag_preconditioner")}
-            for k in saved:
-                db.setValue(pre + k, "1")
-            try:
+            pre = self.opts.options_prefix
+            lag_one = {pre + "snes_lag_jacobian": "1", pre + "snes_lag_preconditioner": "1"}
+            with inserted_options(lag_one, override=True):
                 snes.setFromOptions()
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        db.delValue(pre + k)
-                    else:
-                        db.setValue(pre + k, v)
         else:
             with self.options():
                 snes.setFromOptions()

@@ -222,6 +222,24 @@ def solve_options(mass: Mass | None, method: Method, opts: SolveOptions) -> Solv
     return opts
 
 
+def _check_collective(kind: str, trainable: bool, consistent_init: bool) -> None:
+    """What ``mass=`` supports under ``comm=`` (each rank passes its shard's mass)."""
+    if kind == "dense":
+        raise ValueError("mass= with comm= takes a diagonal mass (a vector shaped like y0's "
+                         "shard or like its trailing dimensions): an [n, n] matrix would only "
+                         "couple the unknowns of one rank")
+    if trainable:
+        raise ValueError("a mass that requires grad is not supported with comm= (each rank's "
+                         "mass is its local block); pass a mass without requires_grad")
+    if consistent_init:
+        # the implicit-function graph of the consistent y0 runs outside the solve, so its
+        # share of the parameter gradient would be this rank's alone, not summed over ranks
+        raise ValueError("options['consistent_init'] is not supported with comm=: make y0 "
+                         "consistent before the collective call (e.g. a serial odeint of "
+                         "t[:2] with consistent_init=True on each rank's shard under "
+                         "torch.no_grad(), then ys[0])")
+
+
 def split_options(options) -> tuple[dict | None, bool]:
     """Take the DAE keys out of ``options`` (the rest goes to the solver options)."""
     if options is None or not hasattr(options, "keys") or "consistent_init" not in options:
@@ -327,9 +345,8 @@ def prepare_mass(mass, func: Callable, spec: StateSpec, flat: torch.Tensor, t: t
     m64 = m_flat.detach().to(torch.float64).contiguous()
     alg_left, alg_right = _null_spaces(kind, m64)
     trainable = bool(m_user.requires_grad)
-    if trainable and collective:
-        raise ValueError("a mass that requires grad is not supported with comm= (each rank's "
-                         "mass is its local block); pass a mass without requires_grad")
+    if collective:
+        _check_collective(kind, trainable, consistent_init)
     _check_method(method, opts, imex, alg_right.shape[1] > 0)
     info = Mass(kind, m64, trainable, alg_left, alg_right, tuple(mass.shape),
                 tuple(spec.shapes[0]) if not spec.is_tuple else (spec.size,))

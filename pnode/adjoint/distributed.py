@@ -13,18 +13,21 @@ Failures must not deadlock: a rank whose callback fails does not raise into
 PETSc (the other ranks would wait in the next collective); it records the
 exception and returns NaN, the solve ends on every rank, and an agreement step
 after each solve raises on every rank, the failing rank with its own exception
-and the others with a :class:`pnode.SolverError` quoting it.
+and the others with a :class:`pnode.SolverError` quoting it.  That agreement is
+:func:`raise_together` (one allgather), used by every "a failure on one rank
+raises on every rank" in pnode.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from petsc4py import PETSc
 
-__all__ = ["Distributed", "as_comm", "agree"]
+__all__ = ["Distributed", "as_comm", "agree", "raise_together", "gather_failures", "RankFailure"]
 
 
 def as_comm(comm: Any):
@@ -40,6 +43,74 @@ def as_comm(comm: Any):
     return comm
 
 
+@dataclass(frozen=True)
+class RankFailure:
+    """What one rank reported as its failure (see :func:`raise_together`).
+
+    Attributes
+    ----------
+    rank : int
+        The failing rank.
+    kind : str
+        Its exception's class name.
+    text : str
+        Its exception's message.
+    detail : object
+        Whatever the failing rank attached (e.g. the time a solve reached).
+    """
+
+    rank: int
+    kind: str
+    text: str
+    detail: Any = None
+
+    @property
+    def message(self) -> str:
+        return f"{self.kind}: {self.text}"
+
+
+def gather_failures(comm, error: BaseException | None, *, detail: Any = None,
+                    payload: Any = None) -> tuple[list[RankFailure], list[Any]]:
+    """One allgather: every rank learns which ranks failed, and every rank's ``payload``."""
+    mine = None if error is None else (type(error).__name__, str(error), detail)
+    reports = comm.allgather((mine, payload))
+    failed = [RankFailure(r, *f) for r, (f, _) in enumerate(reports) if f is not None]
+    return failed, [p for _, p in reports]
+
+
+def raise_together(comm, error: BaseException | None,
+                   others: Callable[[RankFailure], BaseException], *, detail: Any = None,
+                   payload: Any = None) -> list[Any]:
+    """A failure on one rank raises on every rank (call it on every rank of ``comm``).
+
+    After one allgather, a rank whose ``error`` is set raises it; the others raise
+    ``others(failure)`` for the lowest failing rank.  Without failures every rank
+    gets all ranks' ``payload``.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm
+        The ranks that must agree.
+    error : BaseException or None
+        This rank's failure.
+    others : callable
+        Builds the exception of a rank that did not fail.
+    detail, payload : object, optional
+        Sent with the failure, and with every report.
+
+    Returns
+    -------
+    list
+        Every rank's ``payload``, in rank order.
+    """
+    failed, payloads = gather_failures(comm, error, detail=detail, payload=payload)
+    if failed:
+        if error is not None:
+            raise error
+        raise others(failed[0])
+    return payloads
+
+
 def agree(comm, fn: Callable[[], Any], *, gather: bool = False) -> Any:
     """Run ``fn`` on every rank; if it raises on any rank, raise on every rank.
 
@@ -50,17 +121,16 @@ def agree(comm, fn: Callable[[], Any], *, gather: bool = False) -> Any:
     receives all ranks' payloads, in the same single allgather.
     """
     try:
-        out, failure = fn(), None
+        out, error = fn(), None
     except (ValueError, TypeError) as exc:
-        out, failure = (None, None) if gather else None, (type(exc).__name__, str(exc))
+        out, error = (None, None) if gather else None, exc
     result, payload = out if gather else (out, None)
-    reports = comm.allgather((failure, payload))
-    bad = [(r, f) for r, (f, _) in enumerate(reports) if f is not None]
-    if bad:
-        rank, (kind, msg) = bad[0]
-        cls = TypeError if kind == "TypeError" else ValueError
-        raise cls(msg if rank == comm.Get_rank() else f"on rank {rank}: {msg}")
-    return (result, [p for _, p in reports]) if gather else result
+
+    def elsewhere(f: RankFailure) -> BaseException:
+        return (TypeError if f.kind == "TypeError" else ValueError)(f"on rank {f.rank}: {f.text}")
+
+    payloads = raise_together(comm, error, elsewhere, payload=payload)
+    return (result, payloads) if gather else result
 
 
 class Distributed:
@@ -122,18 +192,6 @@ class Distributed:
         buf = x.detach().to(torch.float64).contiguous().numpy().copy()
         self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         return torch.from_numpy(buf)
-
-    def failures(self, error: BaseException | None, t: float | None) -> list[tuple[int, str, float]]:
-        """Agreement after a solve: every rank learns which ranks' callbacks failed.
-
-        Returns
-        -------
-        list of (rank, message, time)
-            Empty when no rank failed.
-        """
-        mine = None if error is None else (f"{type(error).__name__}: {error}",
-                                           float("nan") if t is None else float(t))
-        return [(r, f[0], f[1]) for r, f in enumerate(self.comm.allgather(mine)) if f is not None]
 
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank."""

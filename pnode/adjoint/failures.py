@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, NoReturn
 from petsc4py import PETSc
 
 from ..errors import Reason, SolverError
+from .distributed import gather_failures
 from .stats import SolveStats
 
 if TYPE_CHECKING:
@@ -75,7 +76,8 @@ def sync(solver: TSSolver, phase: str, t_target: float,
     if solver.dist is None:
         return
     prob = solver.problem
-    bad = solver.dist.failures(prob.error, prob.error_t)
+    t_err = float("nan") if prob.error_t is None else float(prob.error_t)
+    bad, _ = gather_failures(solver.dist.comm, prob.error, detail=t_err)
     if not bad:
         return
     if prob.error is not None:
@@ -83,12 +85,12 @@ def sync(solver: TSSolver, phase: str, t_target: float,
     if phase == "forward":
         _failed_stats(solver)
     _stop(solver, petsc_error)
-    rank, msg, t_fail = bad[0]
-    for r, m, _ in bad:
-        if m.startswith("KeyboardInterrupt"):  # an interrupt on one rank ends every rank
-            raise KeyboardInterrupt(f"{phase} solve: rank {r} was interrupted")
-    raise SolverError(f"{phase} solve stopped: rank {rank} failed with {msg}", t=t_fail,
-                      reason=Reason.RANK_FAILED, steps=solver.ts.getStepNumber(), phase=phase)
+    for f in bad:
+        if f.kind == "KeyboardInterrupt":  # an interrupt on one rank ends every rank
+            raise KeyboardInterrupt(f"{phase} solve: rank {f.rank} was interrupted")
+    raise SolverError(f"{phase} solve stopped: rank {bad[0].rank} failed with {bad[0].message}",
+                      t=bad[0].detail, reason=Reason.RANK_FAILED, steps=solver.ts.getStepNumber(),
+                      phase=phase)
 
 
 def fail(solver: TSSolver, phase: str, t_target: float,

@@ -95,7 +95,7 @@ def _begin(solver: TSSolver, y0: torch.Tensor, record: bool) -> None:
     # Without a following adjoint no trajectory is kept at all.
     solver.ts.removeTrajectory()
     solver.opts.checkpoint.begin_forward(solver, y0, record)  # what the policy records
-    solver.petsc.configure()
+    solver.petsc.configure_forward()
     prob.reset_error()
     prob.forget_points()
     solver.log.start_time = _time.perf_counter()

@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from .solver import TSSolver
+from .cache import Lease
 
 __all__ = ["OdeintFunction", "Lease"]
-
-
-class Lease:
-    """A solver checked out for one forward/backward pair.
-
-    Released after the adjoint, or when autograd frees the graph without
-    calling backward (e.g. a loss that was never differentiated), so the
-    solver returns to its pool either way.
-    """
-
-    def __init__(self, solver: TSSolver, release) -> None:
-        self.solver = solver
-        self._finalizer = weakref.finalize(self, release, solver)
-
-    def release(self) -> None:
-        self._finalizer()
-
-    @property
-    def active(self) -> bool:
-        return self._finalizer.alive
 
 
 class OdeintFunction(torch.autograd.Function):

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-import threading
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +13,10 @@ from torch import nn
 
 from .._petsc import is_number
 from . import dae
+from .cache import CACHE, Lease
 from .checkpoint import Checkpoint, check_directory
 from .distributed import Distributed, agree, as_comm
-from .function import Lease, OdeintFunction
+from .function import OdeintFunction
 from .methods import Method, resolve_method
 from .problem import TorchProblem
 from .solver import DENSE_JACOBIAN_MAX, SolveOptions, SolveStats, TSSolver
@@ -60,21 +58,6 @@ class IMEX:
         return fi + fe
 
 
-# ---------------------------------------------------------------------------------------
-# Solver cache: TS objects are reused across calls with the same func, state layout,
-# parameters layout, method and options.  Pools hold no reference to func between calls,
-# so they disappear with it.
-# ---------------------------------------------------------------------------------------
-_lock = threading.RLock()
-_pools: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_uncached: list[TSSolver] = []
-# Collective solvers waiting for a collective destruction, by creation number (the same on
-# every rank: they are created by collective odeint calls, in the same order).
-_graveyard: dict[int, TSSolver] = {}
-_collective_created = itertools.count()
-_last: dict[str, TSSolver] = {}
-
-
 def _owner(func: Callable) -> tuple[Any, Any]:
     """Object whose lifetime scopes the cache entry, and a key part naming the function."""
     if hasattr(func, "__self__") and hasattr(func, "__func__"):  # bound method
@@ -82,46 +65,20 @@ def _owner(func: Callable) -> tuple[Any, Any]:
     return func, None
 
 
-def _destroy(solver: TSSolver) -> None:
-    """Destroy a solver's PETSc objects, or, for a collective one, schedule that.
-
-    Destroying objects that live on a multi-rank communicator is collective, but
-    the moment a pool dies (garbage collection of its func) differs between
-    ranks; collective solvers therefore wait in ``_graveyard`` until a collective
-    odeint call, where the ranks agree on which to destroy (see :func:`_bury`).
-    """
-    if solver.dist is None:
-        solver.destroy()
-    else:
-        with _lock:
-            _graveyard[solver.seq] = solver
-
-
-def _bury(agreed: set[int]) -> None:
-    """Destroy the collective solvers every rank has scheduled, in creation order."""
-    with _lock:
-        doomed = [_graveyard.pop(seq) for seq in sorted(agreed)]
-    for solver in doomed:
-        solver.destroy()
-
-
-def _destroy_pool(pool: dict) -> None:
-    for solvers in pool.values():
-        for s in solvers:
-            _destroy(s)
-
-
 def clear_cache() -> None:
-    """Destroy every cached PETSc solver (they are rebuilt on demand)."""
-    with _lock:
-        for pool in list(_pools.values()):
-            _destroy_pool(pool)
-        _pools.clear()
+    """Destroy every cached PETSc solver (they are rebuilt on demand).
+
+    Solvers are cached per ``func`` and layout, at most
+    :data:`~pnode.adjoint.cache.MAX_SOLVERS_PER_FUNC` (16) per ``func``, the least
+    recently used evicted first; an idle one holds no trajectory.  Clearing is only
+    needed to free their (small) PETSc objects early.
+    """
+    CACHE.clear()
 
 
 def last_stats() -> SolveStats | None:
     """Statistics of the most recent solve in this process (see :class:`SolveStats`)."""
-    solver = _last.get("solver")
+    solver = CACHE.last
     return None if solver is None else solver.stats
 
 
@@ -172,10 +129,7 @@ class _Call:
         explicit, implicit = self._parts()
         prob = TorchProblem(self.spec, self.params, explicit=explicit, implicit=implicit,
                             jacobian=self.jacobian)
-        solver = TSSolver(prob, self.method, self.opts, self.dist)
-        if self.dist is not None:
-            solver.seq = next(_collective_created)
-        return solver
+        return TSSolver(prob, self.method, self.opts, self.dist)
 
     def _bind(self, solver: TSSolver) -> None:
         explicit, implicit = self._parts()
@@ -188,32 +142,11 @@ class _Call:
         prob.mass = self.mass
 
     def acquire(self, record: bool) -> Lease:
+        """Lease a solver for this call from the cache (built on a miss)."""
         owner, fkey = _owner(self.func)
-        key = (fkey, *self.key)
-        solver = None
-        with _lock:
-            try:
-                pool = _pools.setdefault(owner, {})
-            except TypeError:  # not weak-referenceable: no caching
-                pool = None
-            if pool is not None:
-                for s in pool.get(key, ()):
-                    if not s.busy and not s.broken:
-                        solver = s
-                        break
-            if solver is None:
-                solver = self._new_solver()
-                if pool is not None:
-                    solver.pool = pool.setdefault(key, [])
-                    solver.pool.append(solver)
-                    if len(pool) == 1:
-                        weakref.finalize(owner, _destroy_pool, pool)
-                else:
-                    _uncached.append(solver)
-            solver.busy = True
-        self._bind(solver)
-        _last["solver"] = solver
-        return Lease(solver, _release)
+        lease = CACHE.acquire(owner, (fkey, *self.key), self._new_solver)
+        self._bind(lease.solver)
+        return lease
 
     def time_gradient(self, t: torch.Tensor, ys: torch.Tensor, g: torch.Tensor,
                       grad_y0: torch.Tensor) -> torch.Tensor:
@@ -248,25 +181,6 @@ class _Call:
             out.append(flat[i:i + p.numel()].view_as(p).to(p.dtype))
             i += p.numel()
         return out
-
-
-def _release(solver: TSSolver) -> None:
-    """Return a solver to its pool, dropping every reference to the caller's func."""
-    prob = solver.problem
-    for part in (prob.explicit, prob.implicit):
-        if part is not None:
-            part.func = part.point = part.last_point = None
-    prob.params = ()
-    prob.keep_graphs(False)
-    solver.busy = False
-    if solver in _uncached:
-        _uncached.remove(solver)
-        _destroy(solver)
-    elif solver.broken:
-        with _lock:
-            if solver.pool is not None and solver in solver.pool:
-                solver.pool.remove(solver)
-        _destroy(solver)
 
 
 # ---------------------------------------------------------------------------------------
@@ -405,6 +319,27 @@ def _build_options(method: Method, rtol, atol, options, checkpoint, petsc_option
     )
 
 
+def _prepare_collective(dist: Distributed, prepare: Callable[[], tuple]) -> tuple[tuple, tuple]:
+    """``prepare()`` on every rank of a collective call, and the agreement that follows.
+
+    One allgather carries every rank's verdict (an input error on one rank raises on
+    all), its layout (every rank's shard size) and its solver cache's collective
+    state (the collective solvers every rank has given up are destroyed here).
+    """
+    def prepare_and_describe():
+        prepared = prepare()
+        m, opts, params, spec, _, t_out = prepared
+        # the checkpoint directory may differ between ranks (node-local scratch)
+        ck = opts.checkpoint
+        same = (dataclasses.replace(opts, checkpoint=Checkpoint("stages")), ck.agreement_key())
+        return prepared, (dist.layout(spec, t_out, m.name, params, same), CACHE.collective_state())
+
+    prepared, payloads = agree(dist.comm, prepare_and_describe, gather=True)
+    shards = dist.shard_sizes([layout for layout, _ in payloads])
+    CACHE.agree(state for _, state in payloads)
+    return prepared, shards
+
+
 def odeint(
     func: Callable,
     y0: torch.Tensor | Sequence[torch.Tensor],
@@ -536,24 +471,9 @@ def odeint(
         return m, opts, params, spec, flat, t_out
 
     if dist is None:
-        m, opts, params, spec, flat, t_out = prepare()
-        shards: tuple[int, ...] = ()
+        (m, opts, params, spec, flat, t_out), shards = prepare(), ()
     else:  # every rank checks; one allgather shares the verdicts and the layouts
-        def prepare_and_describe():
-            prepared = prepare()
-            m, opts, params, spec, _, t_out = prepared
-            # the checkpoint directory may differ between ranks (node-local scratch)
-            ck = opts.checkpoint
-            same = (dataclasses.replace(opts, checkpoint=Checkpoint("stages")), ck.agreement_key())
-            with _lock:
-                scheduled = frozenset(_graveyard)
-            return prepared, (dist.layout(spec, t_out, m.name, params, same), scheduled)
-
-        (m, opts, params, spec, flat, t_out), payloads = agree(dist.comm, prepare_and_describe,
-                                                               gather=True)
-        shards = dist.shard_sizes([layout for layout, _ in payloads])
-        # destroy the collective solvers that every rank has given up, all at this point
-        _bury(frozenset.intersection(*(scheduled for _, scheduled in payloads)))
+        (m, opts, params, spec, flat, t_out), shards = _prepare_collective(dist, prepare)
 
     # 3. solve
     call = _Call(func, spec, params, m, opts, len(t_out), dist, shards, mass=mass_info[0])

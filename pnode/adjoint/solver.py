@@ -68,7 +68,8 @@ class TSSolver:
         self.fixed = opts.step_size is not None or not method.adaptive
         self.busy = False
         self.broken = False
-        self.pool: list | None = None  # the cache list holding this solver
+        self.pool = None  # the cache pool holding this solver (pnode.adjoint.cache)
+        self.cache_key = None  # its key there
         self.seq: int | None = None  # creation number of a collective solver (the graveyard)
         self.stats = SolveStats(method.name)
         self.n, self.n_params = problem.n, problem.n_params
@@ -85,6 +86,12 @@ class TSSolver:
     def destroy(self) -> None:
         """Destroy the PETSc objects (one owner, explicit destruction)."""
         self.petsc.destroy()
+
+    def drop_trajectory(self) -> None:
+        """Free the stored trajectory of the last forward solve (no adjoint will follow)."""
+        self.y0 = None
+        if not self.broken and not self.petsc.destroyed:
+            self.ts.removeTrajectory()
 
     def forward(self, y0: torch.Tensor, t: torch.Tensor, *, record: bool) -> torch.Tensor:
         """Integrate from ``t[0]`` through every output time.

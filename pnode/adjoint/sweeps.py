@@ -23,6 +23,7 @@ from petsc4py import PETSc
 
 from ..errors import CheckpointError
 from . import failures
+from .distributed import gather_failures
 from .interrupts import files_removed_on_sigterm
 from .problem import vec_view
 from .store import StateStore
@@ -228,13 +229,12 @@ class ScheduledSweep:
             error = exc
         if s.dist is None:
             return
-        bad = s.dist.failures(error, s.stats.step_times[n])
+        bad, _ = gather_failures(s.dist.comm, error)
         if error is not None:
             raise error
         if bad:
-            rank, msg, _ = bad[0]
-            raise CheckpointError(f"rank {rank} could not write a checkpoint: {msg}",
-                                  directory=self.store.parent or "")
+            raise CheckpointError(f"rank {bad[0].rank} could not write a checkpoint: "
+                                  f"{bad[0].message}", directory=self.store.parent or "")
 
     def _reverse(self, action) -> None:
         s, ts = self.solver, self.solver.ts

@@ -38,11 +38,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .._petsc import is_number, option_value
+from .._petsc import inserted_options, is_number, option_value
+from ..errors import CheckpointError
 from .distributed import RunComm, StopRequest
 
-__all__ = ["Example", "Option", "ExampleError", "UsageError", "CheckpointError", "NotParallelError",
-           "InterruptedRun", "RunResult",
+__all__ = ["Example", "Option", "ExampleError", "UsageError", "CheckpointError", "ResumeError",
+           "NotParallelError", "InterruptedRun", "RunResult",
            "run_example", "build_parser", "CHECKPOINT_NAME", "METRICS_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -83,8 +84,11 @@ class InterruptedRun(ExampleError):
         return 128 + int(sig)
 
 
-class CheckpointError(ExampleError):
-    """A checkpoint that cannot be used: unreadable, foreign, or from another configuration."""
+class ResumeError(ExampleError, CheckpointError):
+    """A checkpoint that cannot be used: unreadable, foreign, or from another configuration.
+
+    Both an :class:`ExampleError` and a :class:`pnode.CheckpointError`.
+    """
 
 
 class NotParallelError(ExampleError):
@@ -348,7 +352,7 @@ def _resolve(cls: type[Example], ns: argparse.Namespace,
                          and k != "quick" and cfg[k] != saved[k])
         if changed:
             diffs = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} -> {cfg[k]!r}" for k in changed)
-            raise CheckpointError(f"--resume with options that change the training ({diffs}); "
+            raise ResumeError(f"--resume with options that change the training ({diffs}); "
                                   "drop them, or start a new run in another --out")
     return cfg
 
@@ -404,30 +408,30 @@ def save_checkpoint(path: Path, example: Example, iteration: int, history: Mappi
 
 
 def load_checkpoint(path: Path, name: str) -> dict[str, Any]:
-    """Read and validate a checkpoint of example ``name``; raise :class:`CheckpointError`."""
+    """Read and validate a checkpoint of example ``name``; raise :class:`ResumeError`."""
     if path.is_file() and path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes: a copy or a disk that failed); it "
+        raise ResumeError(f"checkpoint {path} is empty (0 bytes: a copy or a disk that failed); it "
                               "was left as it is (start a new run in another --out, or use --overwrite "
                               "to replace it)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged or unsafe file
-        raise CheckpointError(
+        raise ResumeError(
             f"cannot read checkpoint {path}: {type(e).__name__}: {_first_line(e, 200)}. "
             "The file is damaged or not a pnode checkpoint; it was left as it is (start a new run "
             "in another --out, or use --overwrite to replace it)") from None
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise CheckpointError(f"{path} is not a pnode example checkpoint (no '{_FORMAT}' marker); "
+        raise ResumeError(f"{path} is not a pnode example checkpoint (no '{_FORMAT}' marker); "
                               "it was left as it is")
     if state.get("version") != _FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {state.get('version')!r}, "
+        raise ResumeError(f"{path} has checkpoint format version {state.get('version')!r}, "
                               f"this pnode reads version {_FORMAT_VERSION}")
     if state.get("example") != name:
-        raise CheckpointError(f"{path} is a checkpoint of example {state.get('example')!r}, "
+        raise ResumeError(f"{path} is a checkpoint of example {state.get('example')!r}, "
                               f"not {name!r}")
     for key in ("config", "iteration", "model", "optimizer", "rng", "history"):
         if key not in state:
-            raise CheckpointError(f"{path} lacks '{key}': incomplete checkpoint")
+            raise ResumeError(f"{path} lacks '{key}': incomplete checkpoint")
     return state
 
 
@@ -537,7 +541,7 @@ def run_example(cls: type[Example], argv: Sequence[str] = (), *,
     ------
     ExampleError
         Bad options, a non-empty output folder without ``--overwrite``, a
-        checkpoint that cannot be used (:class:`CheckpointError`), an interrupt
+        checkpoint that cannot be used (:class:`ResumeError`), an interrupt
         (after writing the checkpoint), a failure on another rank, or
         :class:`NotParallelError` for an example without data decomposition on more than
         one rank.  Nothing in the output folder is changed in the first three cases.
@@ -564,33 +568,8 @@ def run_example(cls: type[Example], argv: Sequence[str] = (), *,
     saved = rc.on_root(prepare)  # read once, sent to every rank: they resume identically
     cfg = _resolve(cls, ns, None if saved is None else saved["config"])
     cfg["progress"] = ns.progress
-    with _petsc_options(petsc):
+    with inserted_options(petsc, override=True):  # for the run, then restored
         return _train(cls, cfg, out, saved, petsc, rc)
-
-
-class _petsc_options:
-    """Insert command-line PETSc options into PETSc's database for the run, then restore it."""
-
-    def __init__(self, opts: Mapping[str, str]) -> None:
-        self.opts, self.saved = dict(opts), {}
-
-    def __enter__(self) -> None:
-        from petsc4py import PETSc
-
-        db = PETSc.Options()
-        for k, v in self.opts.items():
-            self.saved[k] = db.getString(k) if db.hasName(k) else None
-            db.setValue(k, v)
-
-    def __exit__(self, *exc: object) -> None:
-        from petsc4py import PETSc
-
-        db = PETSc.Options()
-        for k, v in self.saved.items():
-            if v is None:
-                db.delValue(k)
-            else:
-                db.setValue(k, v)
 
 
 class _serial_solves:
@@ -637,7 +616,7 @@ def _restore(example: Example, saved: Mapping[str, Any], out: Path) -> None:
         example.optimizer.load_state_dict(saved["optimizer"])
         example.load_extra_state(saved.get("extra", {}))
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint in {out} does not fit this model: "
+        raise ResumeError(f"checkpoint in {out} does not fit this model: "
                               f"{_first_line(e)}") from None
     torch.set_rng_state(saved["rng"]["torch"])
     example.generator.set_state(saved["rng"]["generator"])

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
+from ..adjoint.distributed import raise_together
 from ..errors import SolverError
 from .sampling import BatchSchedule
 from .sr1 import LSR1
@@ -594,15 +595,16 @@ class RMTR:
             problem = "Invalid X: contains NaN or Inf; clean or impute the data first"
         elif y.is_floating_point() and not bool(torch.isfinite(y).all()):
             problem = "Invalid y: contains NaN or Inf; clean or impute the targets first"
-        counts = [X.shape[0]]
-        if self._comm is not None:  # every rank learns every rank's verdict: all raise together
-            gathered = self._comm.allgather((X.shape[0], problem))
-            counts = [c for c, _ in gathered]
-            bad = [(r, m) for r, (_, m) in enumerate(gathered) if m is not None]
-            if bad:
-                problem = bad[0][1] + (f" (on rank {bad[0][0]})" if len(gathered) > 1 else "")
-        if problem is not None:
-            raise ValueError(problem)
+        if problem is not None and self._comm is not None and self._comm.Get_size() > 1:
+            problem += f" (on rank {self._comm.Get_rank()})"  # the same text on every rank
+        error = None if problem is None else ValueError(problem)
+        if self._comm is None:
+            if error is not None:
+                raise error
+            counts = [X.shape[0]]
+        else:  # every rank learns every rank's verdict: all raise together
+            counts = raise_together(self._comm, error, lambda f: ValueError(
+                f"{f.text} (on rank {f.rank})"), payload=X.shape[0])
         if X.is_floating_point():
             X = X.to(dtype)
         if y.is_floating_point():

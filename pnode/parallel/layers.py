@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adjoint.distributed import raise_together
 from ..errors import PnodeError
 
 __all__ = ["LayerParallel"]
@@ -183,11 +184,6 @@ class LayerParallel:
             kept[m] = (None, None)
 
         # agreement: every rank learns whether any failed, and the loss
-        reports = self.comm.allgather(None if own is None else f"{type(own).__name__}: {own}")
-        failed = [(i, msg) for i, msg in enumerate(reports) if msg is not None]
-        if failed:
-            if own is not None:
-                raise own
-            rank, msg = failed[0]
-            raise PnodeError(f"layer-parallel step stopped: rank {rank} failed with {msg}")
+        raise_together(self.comm, own, lambda f: PnodeError(
+            f"layer-parallel step stopped: rank {f.rank} failed with {f.message}"))
         return float(self.comm.bcast(sum(losses) if last else None, root=p - 1))

@@ -97,8 +97,8 @@ def test_graph_policy_without_backward_keeps_nothing():
     with torch.no_grad():
         pnode.odeint(func, torch.randn(2, 3, dtype=torch.float64), T, method="rk4",
                      checkpoint="graph")
-    from pnode.adjoint.odeint import _last
-    assert _last["solver"].problem.graphs is None
+    from pnode.adjoint.cache import CACHE
+    assert CACHE.last.problem.graphs is None
 
 
 def _scheduled_steps(n, ram, disk):
@@ -234,18 +234,18 @@ def test_graph_memory_budget_validated(bad):
 def test_no_grad_forward_records_nothing():
     # Under torch.no_grad() no backward can follow: the solver must not keep a trajectory
     # (memory in proportion to the steps) nor stay checked out.
-    from pnode.adjoint.odeint import _last
+    from pnode.adjoint.cache import CACHE
 
     func = TimeMLP().double()
     y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     with torch.no_grad():
         ys = pnode.odeint(func, y0, T, method="rk4", options={"step_size": 0.1})
     assert not ys.requires_grad
-    assert not _last["solver"].busy
+    assert not CACHE.last.busy
     ys = pnode.odeint(func, y0, T, method="rk4", options={"step_size": 0.1})
-    assert _last["solver"].busy  # with grad enabled the trajectory waits for backward
+    assert CACHE.last.busy  # with grad enabled the trajectory waits for backward
     ys.sum().backward()
-    assert not _last["solver"].busy
+    assert not CACHE.last.busy
 
 
 def test_policies_are_classes_owning_their_behaviour():

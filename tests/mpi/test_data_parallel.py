@@ -266,15 +266,43 @@ def test_collective_solvers_are_destroyed_only_where_every_rank_agrees():
     keeper, doomed = Lin(), Lin()
     with torch.no_grad():
         pnode.odeint(doomed, y0, T, **kw)
-    seq = engine._last["solver"].seq
+    seq = engine.CACHE.last.seq
     box = [doomed] if RANK != 0 else []  # rank 0 lets its func die first
     del doomed
     gc.collect()
     with torch.no_grad():
         pnode.odeint(keeper, y0, T, **kw)
-    assert (seq in engine._graveyard) == (RANK == 0)  # scheduled on rank 0, not destroyed yet
+    assert (seq in engine.CACHE.graveyard) == (RANK == 0)  # scheduled on rank 0, not destroyed yet
     box.clear()
     gc.collect()
     with torch.no_grad():
         pnode.odeint(keeper, y0, T, **kw)  # every rank has given it up: destroyed everywhere
-    assert seq not in engine._graveyard
+    assert seq not in engine.CACHE.graveyard
+
+
+def test_collective_pool_bound_evicts_collectively():
+    # More distinct layouts than a pool holds: evicted collective solvers wait in the
+    # graveyard and go at the next collective call on every rank; idle ones drop their
+    # trajectories there too.  A deadlock here would hang (the test's timeout guards).
+    import gc
+
+    from pnode.adjoint.cache import CACHE, MAX_SOLVERS_PER_FUNC
+
+    gc.collect()
+    func = TimeMLP().double()
+    kw = {"method": "rk4", "options": {"step_size": 0.25}, "comm": COMM}
+    solvers = []
+    for b in range(1, 3 + MAX_SOLVERS_PER_FUNC):
+        y0 = torch.randn(b + RANK, 3, dtype=torch.float64, requires_grad=True)
+        pnode.odeint(func, y0, T, **kw).sum().backward()
+        assert torch.isfinite(y0.grad).all()
+        solvers.append(CACHE.last)
+    assert CACHE.live(func) == MAX_SOLVERS_PER_FUNC
+    first, second = solvers[0], solvers[1]  # least recently used: evicted by the last two calls
+    assert first.petsc.destroyed and second.seq in CACHE.graveyard and not second.petsc.destroyed
+    with torch.no_grad():
+        pnode.odeint(func, torch.randn(2 + MAX_SOLVERS_PER_FUNC + RANK, 3, dtype=torch.float64), T,
+                     **kw)
+    assert second.seq not in CACHE.graveyard and second.petsc.destroyed
+    assert CACHE.last.seq in CACHE.stale  # its trajectory goes at the next collective call
+    assert COMM.allgather(sorted(CACHE.stale)) == [sorted(CACHE.stale)] * SIZE
