@@ -60,11 +60,16 @@ def init_petsc() -> None:
     script reach PETSc; the script's own arguments are not passed (PETSc would
     warn about them as unused).  If the application imported ``petsc4py.PETSc``
     first, its initialisation stands.
+
+    PETSc's signal handler is not installed (``-no_signal_handler``): signals
+    behave as in any Python program (SIGINT raises ``KeyboardInterrupt`` at the
+    next step of a solve, SIGTERM terminates or runs the application's handler)
+    instead of going through PETSc's handler to ``MPI_Abort``.
     """
     import petsc4py
 
     if "petsc4py.PETSc" not in sys.modules:
-        petsc4py.init(["pnode", *petsc_argv(sys.argv)])
+        petsc4py.init(["pnode", "-no_signal_handler", *petsc_argv(sys.argv)])
 
 
 @contextmanager

@@ -30,6 +30,8 @@ class Reason(str, Enum):
     DIVERGED_NONFINITE = "DIVERGED_NONFINITE"  #: a NaN or Inf in func's output or the adjoint
     PETSC_ERROR = "PETSC_ERROR"  #: a PETSc call raised an error
     RANK_FAILED = "RANK_FAILED"  #: another rank of a collective solve failed
+    #: an adaptive step fell below the floor relative to ``|t|`` (a blow-up; see pnode.adjoint.detector)
+    DIVERGED_STEP_UNDERFLOW = "DIVERGED_STEP_UNDERFLOW"
 
     def __str__(self) -> str:
         return self.value

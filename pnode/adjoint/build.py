@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from petsc4py import PETSc
 
 from .._petsc import inserted_options
+from . import failures
+from .detector import MAX_REJECTIONS
 from .methods import Method
 from .observers import stage_weights
 from .problem import TorchProblem
@@ -69,7 +71,11 @@ class TSObjects:
         self._set_explicit_part()
         self._set_implicit_part()
         self._set_controls(monitor)
-        self.configure()
+        try:
+            self.configure()
+        except ValueError:  # options PETSc refuses: nothing of this solver survives
+            self.destroy()
+            raise
 
     # -- construction -----------------------------------------------------------------
     def _set_method(self) -> None:
@@ -144,7 +150,9 @@ class TSObjects:
         ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
         ts.setMaxSteps(opts.max_num_steps)
         ts.setErrorIfStepFails(False)
-        ts.setMaxStepRejections(-1 if not self.fixed else 0)
+        # a bounded number of consecutive rejections: a step that cannot be taken ends the
+        # solve (DIVERGED_STEP_REJECTED) instead of retrying with ever smaller steps forever
+        ts.setMaxStepRejections(MAX_REJECTIONS if not self.fixed else 0)
         ts.setMaxSNESFailures(-1 if not self.fixed else 1)
         ts.setMonitor(monitor)
         if not self.fixed:
@@ -229,7 +237,10 @@ class TSObjects:
     def configure(self, force: dict[str, str] | None = None) -> None:
         """Apply the options to the TS (``setFromOptions``); leaves adjoint mode."""
         with self.options(force):
-            self.ts.setFromOptions()
+            try:
+                self.ts.setFromOptions()
+            except PETSc.Error as exc:
+                raise failures.options_error(exc) from None
         self.adjoint_mode = False
         self._plain = force is None
 

@@ -170,6 +170,9 @@ class Checkpoint:
         return False
 
     # -- behaviour (the engine calls these; subclasses override) -------------------------
+    def check_local(self) -> None:
+        """Re-check what may differ between ranks; odeint calls it inside its agreement step."""
+
     def check_method(self, method: Method, imex: bool) -> None:
         """Refuse a method this policy cannot serve (``ValueError``)."""
 
@@ -271,8 +274,11 @@ class _Disk(_Scheduled):
         _positive_int(self.budget, "RAM budget")
         if self.disk_budget is not None:
             _positive_int(self.disk_budget, "disk budget")
-        _check_directory(self.directory)
+        check_directory(self.directory)
         super()._validate()
+
+    def check_local(self) -> None:
+        check_directory(self.directory)
 
     def schedule(self, n: int):
         import checkpoint_schedules as cs
@@ -286,7 +292,7 @@ _POLICIES: dict[str, type[Checkpoint]] = {"stages": Checkpoint, "solution": _Sol
                                           "graph": _Graph, "binomial": _Binomial, "disk": _Disk}
 
 
-def _check_directory(directory: str | None) -> None:
+def check_directory(directory: str | None) -> None:
     """Refuse a checkpoint directory that does not exist or cannot take a file."""
     if not directory:
         raise ValueError("Checkpoint.disk needs a directory")

@@ -40,6 +40,7 @@ class StepLog:
         # (event search, torchdiffeq-style step callbacks); set by the caller per solve
         self.hooks: list = []
         self._at_start = False
+        self.start_time = 0.0  # perf_counter() at the start of the sweep
 
     def start(self, t0: float) -> None:
         self.steps = [(0, t0)]
@@ -80,11 +81,14 @@ def forward_sweep(solver: TSSolver, y0: torch.Tensor, t: torch.Tensor, *,
     solver.eval_times = tt
     solver.log.start(tt[0])
     _first_step(solver, tt, y0)
+    solver.guard.arm(tt[0], tt[-1])
     try:
         ts.solve(solver.x)
     except PETSc.Error as exc:
         failures.sync(solver, "forward", tt[-1], exc)
         failures.fail(solver, "forward", tt[-1], exc)
+    finally:
+        solver.guard.disarm()
     failures.sync(solver, "forward", tt[-1])
     if prob.error is not None or ts.getConvergedReason() < 0:
         failures.fail(solver, "forward", tt[-1])
@@ -104,6 +108,9 @@ def _begin(solver: TSSolver, y0: torch.Tensor, record: bool) -> None:
     solver.petsc.configure_forward()
     prob.reset_error()
     prob.forget_points()
+    solver.log.start_time = _time.perf_counter()
+    # the failure detector (and the fixed-grid step rule) after every accepted step
+    solver.ts.setPostStep(solver.guard.post_step)
 
 
 def _first_step(solver: TSSolver, tt: list[float], y0: torch.Tensor) -> None:
@@ -113,7 +120,8 @@ def _first_step(solver: TSSolver, tt: list[float], y0: torch.Tensor) -> None:
         ts.setTimeStep(h if h is not None else tt[1] - tt[0])
         if h is None:  # one step per output interval, as torchdiffeq's fixed-grid solvers
             solver.log.grid = tt
-            ts.setPostStep(solver.log.to_next_output)
+        elif (tt[-1] - tt[0]) / h > ts.getMaxSteps():
+            failures.too_many_fixed_steps(solver, tt, h)
     else:
         h0 = opts.first_step or _initial_step(solver, tt[0], y0, tt[-1] - tt[0])
         # TSAdapt clamps the steps it chooses, not the first one: options['max_step']
@@ -144,6 +152,9 @@ def _initial_step(solver: TSSolver, t0: float, y0: torch.Tensor, span: float) ->
         return initial_step(f, t0, y0, span, order=solver.method.order, rtol=solver.opts.rtol,
                             atol=solver.opts.atol, reduce=None if dist is None else dist.sum,
                             after_eval=lambda: failures.sync(solver, "forward", t0))
+    except FloatingPointError as exc:  # NaN/Inf from func (a frozen parameter, a closure)
+        prob.error, prob.error_t = exc, t0
+        failures.fail(solver, "forward", t0)
     finally:
         prob.counters.rhs += 2
 

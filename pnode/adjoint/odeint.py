@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._petsc import is_number
 from . import compat, dae
 from .cache import CACHE, Lease
 from .callbacks import AdjointCallbacks, StepCallbacks
@@ -320,6 +321,10 @@ def _build_options(method: Method, rtol, atol, options, checkpoint, petsc_option
     lag = options.get("jacobian_lag", 100)
     if not (isinstance(lag, int) and lag >= 1):
         raise ValueError(f"options['jacobian_lag'] must be an int >= 1, got {lag!r}")
+    for key in ("ksp_rtol", "snes_rtol"):
+        v = options.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and 0 < v < 1):
+            raise ValueError(f"options[{key!r}] must be a number in (0, 1), got {v!r}")
     if imex and not method.imex:
         raise ValueError(
             f"func is a pnode.IMEX split, but method {method.name!r} is not an IMEX method; "
@@ -336,6 +341,12 @@ def _build_options(method: Method, rtol, atol, options, checkpoint, petsc_option
              ("1" if v is True else "0" if v is False else str(v)))
             for k, v in petsc_options.items()
         ))
+    for k, v in popts:
+        # PETSc reads a negative tolerance as "use the default" (rtol 1e-5 for KSP): silently
+        # inexact gradients
+        if k.endswith(("_rtol", "_atol", "_stol")) and is_number(v) and float(v) < 0:
+            raise ValueError(f"petsc_options[{k!r}] = {v} is negative; PETSc would silently use "
+                             "its default tolerance instead: give a positive value")
     return SolveOptions(
         rtol=float(rtol), atol=float(atol), step_size=None if step is None else float(step),
         first_step=None if first is None else float(first), max_num_steps=max_steps,
@@ -631,6 +642,9 @@ def _prepare(front: _Front, func, y0, adjoint_params, checkpoint, mass, dist):
     options, dae_init = dae.split_options(front.translated.options)
     opts = _build_options(m, front.rtol, front.atol, options, checkpoint, front.petsc_options,
                           isinstance(func, IMEX))
+    # a policy validated where it was built, on that rank only, checks again here, inside the
+    # collective agreement: a directory missing on one rank (node-local scratch) fails every rank
+    opts.checkpoint.check_local()
     spec = StateSpec.from_state(y0 if isinstance(y0, (tuple, list)) else tensors[0])
     tt = front.times.t
     probe = None

@@ -22,6 +22,7 @@ import torch
 from petsc4py import PETSc
 
 from .build import DENSE_JACOBIAN_MAX, TSObjects
+from .detector import StepGuard
 from .distributed import Distributed
 from .failures import reason_name
 from .forward import StepLog, forward_sweep
@@ -73,12 +74,13 @@ class TSSolver:
         self.stats = SolveStats(method.name)
         self.n, self.n_params = problem.n, problem.n_params
         self.log = StepLog()
+        self.guard = StepGuard(self)  # the failure detector (post-step hook, guarded monitor)
         self.seg_steps: list[int] = []  # step index of each output time (last forward)
         self.eval_times: list[float] = []  # the output times of the last forward
         self.y0: torch.Tensor | None = None  # initial state kept for a schedule's replay
         self.adjoint_callbacks = None  # callbacks.AdjointCallbacks of the running backward
         self.petsc = TSObjects(problem, method, opts, self.comm, fixed=self.fixed,
-                               monitor=self.log.monitor)
+                               monitor=self.guard.monitor)
         self.ts, self.x, self.lam, self.mu = self.petsc.ts, self.petsc.x, self.petsc.lam, \
             self.petsc.mu
 

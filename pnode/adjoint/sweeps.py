@@ -21,7 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 from petsc4py import PETSc
 
+from ..errors import CheckpointError
 from . import failures
+from .distributed import gather_failures
+from .interrupts import files_removed_on_sigterm
 from .problem import vec_view
 from .store import StateStore
 
@@ -46,6 +49,7 @@ class AdjointSweep:
 
     def __enter__(self) -> AdjointSweep:
         s, prob = self.solver, self.solver.problem
+        _check_seed(s, self.grad_ys)
         prob.reset_error()
         prob.forget_points()
         s.petsc.set_adjoint_mode(True)
@@ -103,6 +107,20 @@ class AdjointSweep:
         pg = s.problem.param_grad
         mu = pg.value(s.n_params) if pg is not None else vec_view(s.mu).clone()
         return s.dist.sum(mu) if s.dist is not None else mu
+
+
+def _check_seed(solver: TSSolver, grad_ys: torch.Tensor) -> None:
+    """Refuse a NaN/Inf incoming gradient: the loss is at fault, not the solver."""
+    ok = bool(torch.isfinite(grad_ys).all())
+    if (ok if solver.dist is None else solver.dist.all_true(ok)):
+        return
+    solver.busy = False
+    solver.petsc.configure()
+    bad = [k for k in range(grad_ys.shape[0]) if not bool(torch.isfinite(grad_ys[k]).all())]
+    where = (f"at output {bad[0]} (t={solver.eval_times[bad[0]]:.6g})" if bad else "on another rank")
+    raise ValueError(f"the gradient of the loss with respect to the solution is NaN or Inf {where}: "
+                     "the backward seed comes from the loss, check it (e.g. with "
+                     "torch.autograd.set_detect_anomaly) before blaming the ODE solve")
 
 
 def _finite(x: torch.Tensor) -> bool:
@@ -177,18 +195,19 @@ class ScheduledSweep:
 
     def run(self, grad_ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the schedule; returns ``(grad_y0, grad_params)``."""
-        try:
-            with AdjointSweep(self.solver, grad_ys) as self.sweep:
-                for action in (self.schedule if self.n else ()):
-                    handler = self.handlers.get(type(action))
-                    if handler is None:
-                        raise NotImplementedError(
-                            f"internal: checkpoint schedule action {action!r} has no handler")
-                    handler(action)
-                    if self.done:
-                        break
-        finally:
-            self.store.close()
+        with files_removed_on_sigterm(self.store.parent is not None):
+            try:
+                with AdjointSweep(self.solver, grad_ys) as self.sweep:
+                    for action in (self.schedule if self.n else ()):
+                        handler = self.handlers.get(type(action))
+                        if handler is None:
+                            raise NotImplementedError(
+                                f"internal: checkpoint schedule action {action!r} has no handler")
+                        handler(action)
+                        if self.done:
+                            break
+            finally:
+                self.store.close()
         st = self.solver.stats
         st.recomputed_steps, st.max_stored_states = self.recomputed, self.store.peak
         st.disk_writes = self.store.disk_writes
@@ -199,7 +218,7 @@ class ScheduledSweep:
         if self.cur != action.n0:
             raise AssertionError("internal: schedule out of step")
         if action.write_ics:
-            self.store.put(action.n0, self.x, action.storage)
+            self._put(action.n0, self.x, action.storage)
         stop = action.n1 - 1 if action.write_adj_deps else action.n1
         for k in range(action.n0, stop):
             self.x = self._replay_step(self.x, k, record=False)
@@ -207,6 +226,29 @@ class ScheduledSweep:
             self.x = self._replay_step(self.x, action.n1 - 1, record=True)
         self.recomputed += action.n1 - action.n0
         self.cur = action.n1
+
+    def _put(self, n: int, x: torch.Tensor, storage) -> None:
+        """Store a state; in a collective solve every rank learns whether any rank failed.
+
+        A full disk on one rank must not leave the others waiting in the next collective
+        step: the ranks agree after each write, and all raise (the files are removed on
+        every rank by the sweep's clean-up).
+        """
+        s, error = self.solver, None
+        try:
+            self.store.put(n, x, storage)
+        except CheckpointError as exc:
+            if s.dist is None:
+                raise
+            error = exc
+        if s.dist is None:
+            return
+        bad, _ = gather_failures(s.dist.comm, error)
+        if error is not None:
+            raise error
+        if bad:
+            raise CheckpointError(f"rank {bad[0].rank} could not write a checkpoint: "
+                                  f"{bad[0].message}", directory=self.store.parent or "")
 
     def _reverse(self, action) -> None:
         s, ts = self.solver, self.solver.ts
