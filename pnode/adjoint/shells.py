@@ -50,7 +50,12 @@ class ShellContext:
     def _time(self) -> float:
         return self.part.point.t if self.part.point else 0.0
 
-    def mult(self, mat, x, y):
+    def _apply(self, product, x, y) -> None:
+        """Write one operator product into ``y``.
+
+        The zero operator writes zeros; after a failure recorded earlier in this
+        solve nothing is evaluated; an exception is recorded for the solver.
+        """
         prob = self.prob
         if self.kind == "zero":
             y.zeroEntries()
@@ -58,33 +63,29 @@ class ShellContext:
         if prob.skip(y):
             return
         try:
-            v = prob.views.read(x)
-            if self.kind == "rhs_x":
-                out = prob.jvp(self.part, v)
-            elif self.kind == "ijac_x":
-                out = prob.shifted(v) - prob.jvp(self.part, v).to(torch.float64)
-            else:
-                raise NotImplementedError(f"forward product with the {self.kind} Jacobian")
-            res = prob.views.write(y)
-            res.copy_(out)
-            self._finish(x, res)
+            product(x, y)
         except BaseException as exc:
             prob.failed(exc, self._time(), y)
 
+    def mult(self, mat, x, y):
+        self._apply(self._forward_product, x, y)
+
     def multTranspose(self, mat, x, y):
+        self._apply(self._state_product if self.kind in ("rhs_x", "ijac_x") else self._param_product,
+                    x, y)
+
+    def _forward_product(self, x, y) -> None:
         prob = self.prob
-        if self.kind == "zero":
-            y.zeroEntries()
-            return
-        if prob.skip(y):
-            return
-        try:
-            if self.kind in ("rhs_x", "ijac_x"):
-                self._state_product(x, y)
-            else:
-                self._param_product(x, y)
-        except BaseException as exc:
-            prob.failed(exc, self._time(), y)
+        v = prob.views.read(x)
+        if self.kind == "rhs_x":
+            out = prob.jvp(self.part, v)
+        elif self.kind == "ijac_x":
+            out = prob.shifted(v) - prob.jvp(self.part, v).to(torch.float64)
+        else:
+            raise NotImplementedError(f"forward product with the {self.kind} Jacobian")
+        res = prob.views.write(y)
+        res.copy_(out)
+        self._finish(x, res)
 
     def _state_product(self, x, y) -> None:
         prob, part = self.prob, self.part
