@@ -111,7 +111,7 @@ class AdjointSweep:
 
 def _check_seed(solver: TSSolver, grad_ys: torch.Tensor) -> None:
     """Refuse a NaN/Inf incoming gradient: the loss is at fault, not the solver."""
-    ok = bool(torch.isfinite(grad_ys).all())
+    ok = _finite(grad_ys)
     if (ok if solver.dist is None else solver.dist.all_true(ok)):
         return
     solver.busy = False

@@ -8,6 +8,7 @@ and autograd carries gradients through the negation of the times.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,18 @@ def _finite(t: torch.Tensor) -> None:
         raise ValueError("t contains NaN or Inf")
 
 
+def _ordered(vals: list[float]) -> bool | None:
+    """``False`` for finite strictly increasing times, ``True`` for decreasing, else ``None``."""
+    if not all(map(math.isfinite, vals)):
+        return None
+    pairs = list(zip(vals, vals[1:], strict=False))
+    if all(a < b for a, b in pairs):
+        return False
+    if all(a > b for a, b in pairs):
+        return True
+    return None
+
+
 def check_times(t: Any, *, event: bool = False) -> Times:
     """Validate ``t`` and find its direction.
 
@@ -73,6 +86,12 @@ def check_times(t: Any, *, event: bool = False) -> Times:
         raise ValueError("t is empty; pass at least one time")
     if not t.is_floating_point():
         t = t.to(torch.float64)
+    if not event and t.numel() <= 64:
+        # the common short t on the per-call path: one conversion instead of several
+        # tensor reductions (anything unusual takes the general path and its messages)
+        order = _ordered(t.detach().tolist())
+        if order is not None:
+            return Times(t, order)
     _finite(t.detach())
     if event:
         if t.numel() > 2:
