@@ -169,6 +169,11 @@ class Checkpoint:
         """Whether the adjoint re-integrates the forward from a schedule (binomial, disk)."""
         return False
 
+    @property
+    def restores_stages(self) -> bool:
+        """Whether the adjoint reads the stage values PETSc stored in the forward sweep."""
+        return True
+
     # -- behaviour (the engine calls these; subclasses override) -------------------------
     def check_local(self) -> None:
         """Re-check what may differ between ranks; odeint calls it inside its agreement step."""
@@ -201,6 +206,10 @@ class Checkpoint:
 class _Solution(Checkpoint):
     """``"solution"``: PETSc's solution-only trajectory, stages recomputed by the adjoint."""
 
+    @property
+    def restores_stages(self) -> bool:
+        return False
+
     def petsc_defaults(self) -> dict[str, str]:
         return {"ts_trajectory_solution_only": "1"}
 
@@ -232,6 +241,10 @@ class _Scheduled(Checkpoint):
     @property
     def replays(self) -> bool:
         return True
+
+    @property
+    def restores_stages(self) -> bool:
+        return False  # the schedule re-integrates each step before its adjoint
 
     def begin_forward(self, solver: TSSolver, y0: torch.Tensor, record: bool) -> None:
         solver.y0 = y0.clone()  # no PETSc trajectory: the schedule re-integrates from y0

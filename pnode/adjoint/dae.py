@@ -42,7 +42,7 @@ from .methods import Method
 from .options import SolveOptions
 from .state import StateSpec
 
-__all__ = ["Mass", "prepare_mass", "solve_options", "MAX_STEP_REJECTIONS", "split_options",
+__all__ = ["Mass", "prepare_mass", "solve_options", "split_options",
            "constraint_residual"]
 
 
@@ -191,18 +191,9 @@ def _check_method(method: Method, opts: SolveOptions, imex: bool, singular: bool
             "implicit_euler or theta with options['endpoint']=True for adaptive steps")
 
 
-#: Consecutive rejected attempts of one adaptive DAE step (error test or Newton failure)
-#: before the solve stops: past an impasse point (where the algebraic equations stop
-#: having a solution) every attempt fails, and PETSc would halve the step without end.
-MAX_STEP_REJECTIONS = 50
-
-
 def solve_options(mass: Mass | None, method: Method, opts: SolveOptions) -> SolveOptions:
     """The options a DAE solves with (``opts`` itself for an ODE).
 
-    - Adaptive steps with a singular mass stop after :data:`MAX_STEP_REJECTIONS`
-      consecutive rejections of one step (PETSc option ``ts_max_step_rejections``,
-      unless the caller sets it) with a :class:`pnode.SolverError`.
     - A trainable mass with the midpoint form recomputes stages in the adjoint:
       PETSc's memory trajectory restores only the stage ``Y`` of a midpoint step, not
       the solution after it, so ``TSAdjointStep_Theta`` rebuilds the step's start
@@ -212,12 +203,9 @@ def solve_options(mass: Mass | None, method: Method, opts: SolveOptions) -> Solv
     """
     if mass is None:
         return opts
-    if mass.n_alg and opts.step_size is None and method.adaptive and \
-            not any(k in ("ts_max_step_rejections", "ts_max_reject") for k, _ in opts.petsc_options):
-        popts = tuple(sorted(opts.petsc_options
-                             + (("ts_max_step_rejections", str(MAX_STEP_REJECTIONS)),)))
-        opts = dataclasses.replace(opts, petsc_options=popts)
-    if mass.trainable and _midpoint(method, opts) and opts.checkpoint.kind == "stages":
+    # (past an impasse point every attempt of a step fails: the engine's bound on consecutive
+    # rejections, pnode.adjoint.detector.MAX_REJECTIONS, ends such a solve for ODEs and DAEs)
+    if mass.trainable and _midpoint(method, opts) and opts.checkpoint.restores_stages:
         opts = dataclasses.replace(opts, checkpoint=Checkpoint("solution"))
     return opts
 
