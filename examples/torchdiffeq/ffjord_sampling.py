@@ -73,7 +73,7 @@ def main(argv=None):
         opt.step()
         losses.append(float(loss.detach()))
         if itr % 50 == 0:
-            print(f"iter {itr:4d} | nll {float(loss):.4f}")
+            print(f"iter {itr:4d} | nll {loss.item():.4f}")
     # sampling: from the base density at t = 1 back to t = 0 (a decreasing t)
     with torch.no_grad():
         z = torch.randn(args.batch, 2, generator=gen, dtype=torch.float64)
