@@ -70,7 +70,7 @@ def forward_sweep(solver: TSSolver, y0: torch.Tensor, t: torch.Tensor, *,
     c0 = (prob.counters.rhs, prob.counters.jvp, prob.counters.vjp, prob.counters.jacobians)
     start = _time.perf_counter()
     tt = t.tolist()
-    vec_view(solver.x, "w").copy_(y0)
+    prob.views.write(solver.x).copy_(y0)  # the solution Vec: one cached view
     ts.setTime(tt[0])
     ts.setStepNumber(0)
     ts.setMaxTime(tt[-1])

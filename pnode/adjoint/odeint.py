@@ -536,6 +536,51 @@ class _Front:
     atol: float
     translated: compat.Translated
     petsc_options: Any
+    key: tuple | None = None  # the memo key of the non-tensor arguments (None: not memoised)
+
+
+# The non-tensor input stage (method, tolerances, options, PETSc options, checkpoint) of
+# recent calls, by their hashable arguments: a training loop passes the same ones every
+# call, and checking and translating them again costs tens of microseconds per solve.  Only
+# arguments that passed every check are kept; anything unusual takes the general path.
+_MEMO: dict[tuple, tuple] = {}
+_MEMO_MAX = 128
+_PLAIN = (int, str, bool, type(None))
+
+
+def _items_key(d: Any) -> tuple | None:
+    """``d`` (None or a dict of plain values) as a key that tells apart what the checks do."""
+    if d is None:
+        return None
+    if type(d) is not dict:
+        raise TypeError
+    out = []
+    for k, v in d.items():
+        tv = type(v)
+        if type(k) is not str or not (tv in _PLAIN or tv is float):
+            raise TypeError
+        # repr: -0.0 and 0.0 are equal but would be passed on as different option strings
+        out.append((k, tv, repr(v) if tv is float else v))
+    return tuple(out)
+
+
+def _memo_key(method, rtol, atol, options, petsc_options, reverse: bool,
+              adjoint: tuple) -> tuple | None:
+    """The memo key of a call's non-tensor arguments, or ``None`` (general path)."""
+    if adjoint != (None, None, None, None) or not (method is None or type(method) is str) \
+            or type(rtol) not in (int, float) or type(atol) not in (int, float):
+        return None
+    try:
+        return (method, type(rtol), repr(rtol), type(atol), repr(atol), _items_key(options),
+                _items_key(petsc_options), reverse)
+    except TypeError:
+        return None
+
+
+def _remember(key: tuple, value: tuple) -> None:
+    if len(_MEMO) >= _MEMO_MAX:
+        _MEMO.clear()
+    _MEMO[key] = value
 
 
 def _front(func, y0, t, *, rtol, atol, method, options, adjoint_rtol, adjoint_atol,
@@ -545,6 +590,14 @@ def _front(func, y0, t, *, rtol, atol, method, options, adjoint_rtol, adjoint_at
         raise TypeError(f"func must be callable, got {type(func).__name__}")
     tensors = _check_state(y0)
     times = check_times(t, event=event)
+    key = _memo_key(method, rtol, atol, options, petsc_options, times.reverse,
+                    (adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options))
+    hit = _MEMO.get(key) if key is not None else None
+    # the method registry may have changed since (unregister_method, register_method)
+    if hit is not None and resolve_method(method) is hit[0]:
+        m, rtol, atol, tr, petsc_options = hit
+        return _Front(reverse_field(func) if times.reverse else func, tensors, times, m, rtol,
+                      atol, tr, petsc_options, key)
     m = resolve_method(method)
     rtol, atol = compat.tolerance(rtol, "rtol"), compat.tolerance(atol, "atol")
     compat.check_adjoint_keywords(method=m, rtol=rtol, atol=atol, adjoint_rtol=adjoint_rtol,
@@ -553,8 +606,10 @@ def _front(func, y0, t, *, rtol, atol, method, options, adjoint_rtol, adjoint_at
     tr = compat.translate_options(options, m, reverse=times.reverse)
     if tr.petsc and (petsc_options is None or isinstance(petsc_options, Mapping)):
         petsc_options = {**tr.petsc, **(petsc_options or {})}  # the caller's values win
+    if key is not None:
+        _remember(key, (m, rtol, atol, tr, petsc_options))
     return _Front(reverse_field(func) if times.reverse else func, tensors, times, m, rtol, atol,
-                  tr, petsc_options)
+                  tr, petsc_options, key)
 
 
 def reverse_field(func: Callable) -> Callable:
@@ -639,9 +694,7 @@ def _odeint(func, y0, t, *, adjoint_params, checkpoint, comm, mass, step_hooks=(
 def _prepare(front: _Front, func, y0, adjoint_params, checkpoint, mass, dist):
     """Options, parameters, flat state and engine times of a checked call."""
     m, tensors = front.method, front.tensors
-    options, dae_init = dae.split_options(front.translated.options)
-    opts = _build_options(m, front.rtol, front.atol, options, checkpoint, front.petsc_options,
-                          isinstance(func, IMEX))
+    opts, dae_init = _solve_options(front, checkpoint, isinstance(func, IMEX))
     # a policy validated where it was built, on that rank only, checks again here, inside the
     # collective agreement: a directory missing on one rank (node-local scratch) fails every rank
     opts.checkpoint.check_local()
@@ -663,3 +716,21 @@ def _prepare(front: _Front, func, y0, adjoint_params, checkpoint, mass, dist):
         consistent_init=dae_init, params=params, collective=dist is not None)
     opts = dae.solve_options(mass_obj, m, opts)
     return m, opts, params, spec, flat, t_out, (mass_obj, index)
+
+
+def _solve_options(front: _Front, checkpoint, imex: bool) -> tuple[SolveOptions, bool]:
+    """:func:`_build_options` of a checked call (memoised with the input stage)."""
+    key = None
+    if front.key is not None and (type(checkpoint) is str or isinstance(checkpoint, Checkpoint)):
+        # a policy object by identity (the memo holds it, so its id is not reused)
+        key = ("options", front.key, checkpoint if type(checkpoint) is str else id(checkpoint),
+               imex)
+        hit = _MEMO.get(key)
+        if hit is not None and hit[0] is front.method:
+            return hit[1], hit[2]
+    options, dae_init = dae.split_options(front.translated.options)
+    opts = _build_options(front.method, front.rtol, front.atol, options, checkpoint,
+                          front.petsc_options, imex)
+    if key is not None:
+        _remember(key, (front.method, opts, dae_init, checkpoint))
+    return opts, dae_init
