@@ -105,10 +105,14 @@ class StepCallbacks:
 
     @classmethod
     def of(cls, func: Any, spec: StateSpec, reverse: bool, adaptive: bool,
-           times: list[float]) -> StepCallbacks | None:
+           times: list[float] | torch.Tensor) -> StepCallbacks | None:
         """The callbacks of ``func``, or ``None`` if it defines none."""
         found = _find(func, _FORWARD)
-        return cls(found, spec, reverse, adaptive, times) if found else None
+        if not found:
+            return None
+        if isinstance(times, torch.Tensor):
+            times = times.detach().tolist()
+        return cls(found, spec, reverse, adaptive, times)
 
     def _t(self, s: float) -> torch.Tensor:
         return torch.tensor(-s if self.reverse else s, dtype=self.spec.dtype)

@@ -188,11 +188,11 @@ class _Call:
         return self.dist.sum(agree(self.dist.comm, local)).to(t.dtype)
 
     def split_param_grads(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        out, i = [], 0
-        for p in self.params:
-            out.append(flat[i:i + p.numel()].view_as(p).to(p.dtype))
-            i += p.numel()
-        return out
+        if not self.params:
+            return []
+        parts = flat.split([p.numel() for p in self.params])
+        return [g.view(p.shape) if p.dtype == g.dtype else g.view(p.shape).to(p.dtype)
+                for g, p in zip(parts, self.params, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def _collect_params(func, adjoint_params, probe: tuple | None = None) -> list[to
                     params.append(p)
     params = [p for p in params if p.requires_grad]
     for p in params:
-        _check_finite(p.detach(), "a parameter of func")
+        _check_finite(p, "a parameter of func")
     return params
 
 
@@ -665,7 +665,7 @@ def _odeint(func, y0, t, *, adjoint_params, checkpoint, comm, mass, step_hooks=(
     call.step_hooks = list(step_hooks)
     reverse, user_func = fronts[-1].times.reverse, func
     fwd = StepCallbacks.of(user_func, spec, reverse, m.adaptive and opts.step_size is None,
-                           t_out.detach().tolist())
+                           t_out)
     if fwd is not None:
         call.step_hooks.append(fwd.hook)
     call.adjoint_callbacks = AdjointCallbacks.of(user_func, spec, reverse, params)
@@ -688,6 +688,8 @@ def _odeint(func, y0, t, *, adjoint_params, checkpoint, comm, mass, step_hooks=(
         stats = call.solver_stats()
         if stats is not None:  # last_stats() describes the caller's outputs
             stats.output_steps = [stats.output_steps[i] for i in index.tolist()]
+    if not spec.is_tuple and len(spec.shapes[0]) == 1:
+        return ys  # already [len(t), n]: no view (and no autograd node) in between
     return spec.unflatten(ys)
 
 
@@ -706,7 +708,10 @@ def _prepare(front: _Front, func, y0, adjoint_params, checkpoint, mass, dist):
     params = _collect_params(func, adjoint_params, probe)
 
     # normalise: flat state, increasing times in the state's dtype, extra step ends
-    flat = spec.flatten(tuple(tensors) if spec.is_tuple else tensors[0])
+    if not spec.is_tuple and tensors[0].dim() == 1:
+        flat = tensors[0]  # already flat: no view (and no autograd node) in between
+    else:
+        flat = spec.flatten(tuple(tensors) if spec.is_tuple else tensors[0])
     ts_ = front.times.solver_t
     t_out = ts_.to(spec.dtype) if ts_.dtype != spec.dtype else ts_
     t_out, index = merge_times(t_out, _extra_times(front, func, y0))

@@ -296,6 +296,7 @@ class TorchProblem(_CallbackErrors):
         self.param_grad: ParamGradient | None = None
         # fast paths: a single state tensor in float64, and the time of the last evaluation
         self._shape = None if spec.is_tuple else spec.shapes[0]
+        self._flat1 = self._shape is not None and len(self._shape) == 1  # a 1-D state
         self._is64 = spec.dtype == torch.float64
         self._t_value: float | None = None
         self._t_tensor: torch.Tensor | None = None
@@ -315,13 +316,15 @@ class TorchProblem(_CallbackErrors):
 
     def _y(self, flat: torch.Tensor):
         """The state in the user's structure: views of a flat tensor of the state's dtype."""
+        if self._flat1:  # already in shape: no view (in a kept graph, no backward node)
+            return flat
         return flat.view(self._shape) if self._shape is not None else self.spec.unflatten(flat)
 
     def _flat(self, out: object, name: str) -> torch.Tensor:
         """func's output checked against the state and flattened (fast path: one tensor)."""
         if (self._shape is not None and type(out) is torch.Tensor and out.shape == self._shape
                 and out.dtype == self.spec.dtype):
-            return out.reshape(-1)
+            return out if self._flat1 else out.reshape(-1)
         return self.spec.check_output(out, name)
 
     def _eval(self, part: _Part, t: float, x: torch.Tensor) -> torch.Tensor:

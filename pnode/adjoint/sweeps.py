@@ -82,7 +82,9 @@ class AdjointSweep:
     def check_finite(self, t: float, steps: int, hint: str = "") -> None:
         """Raise :class:`pnode.SolverError` if the adjoint is NaN/Inf (on any rank)."""
         s = self.solver
-        ok = _finite(s.problem.views.read(s.lam))
+        # one VecSum (collective: every rank calls it here), no torch operator; a non-finite
+        # sum is re-checked element by element (finite values can overflow it)
+        ok = math.isfinite(s.lam.sum()) or _finite(s.problem.views.read(s.lam))
         if s.n_params:
             pg = s.problem.param_grad
             ok = ok and (pg.finite() if pg is not None else _finite(s.problem.views.read(s.mu)))
