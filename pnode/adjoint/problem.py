@@ -327,11 +327,33 @@ class TorchProblem(_CallbackErrors):
             return out if self._flat1 else out.reshape(-1)
         return self.spec.check_output(out, name)
 
+    def _value(self, part: _Part, t: float, x: torch.Tensor) -> torch.Tensor:
+        """func at ``(t, x)``, checked against the state and flattened (not for finiteness)."""
+        return self._flat(part.func(self._t(t), self._y(self._x(x))), part.name)
+
     def _eval(self, part: _Part, t: float, x: torch.Tensor) -> torch.Tensor:
-        flat = self._flat(part.func(self._t(t), self._y(self._x(x))), part.name)
+        flat = self._value(part, t, x)
         if not _all_finite(flat):
             raise FloatingPointError(f"{part.name} returned NaN or Inf at t={t:.6g}")
         return flat
+
+    def _write_checked(self, part: _Part, t: float, out: torch.Tensor, F: PETSc.Vec) -> None:
+        """Write func's output into ``F``, raising ``FloatingPointError`` if it is NaN/Inf.
+
+        Serial solves check ``F`` by one VecSum (no torch operator); a collective one
+        checks the local output (a VecSum would be a collective call that a rank which
+        failed earlier does not make).  A non-finite sum is re-checked element by element
+        (finite values can overflow it).
+        """
+        if self.collective:
+            ok = _all_finite(out)
+        else:
+            self.views.write(F).copy_(out.detach() if torch.is_grad_enabled() else out)
+            ok = math.isfinite(F.sum()) or bool(torch.isfinite(out.detach()).all())
+        if not ok:
+            raise FloatingPointError(f"{part.name} returned NaN or Inf at t={t:.6g}")
+        if self.collective:
+            self.views.write(F).copy_(out.detach())
 
     # -- call lifetime --------------------------------------------------------------------
     def keep_graphs(self, on: bool, memory_mib: float | None = None) -> None:
@@ -371,7 +393,8 @@ class TorchProblem(_CallbackErrors):
     def _graph(self, part: _Part, pt: _LinPoint):
         if pt.graph is None:
             with torch.enable_grad():
-                xr = self._x(pt.x).detach().requires_grad_(True)
+                x = self._x(pt.x)  # the point's own copy: it can be the leaf itself
+                xr = x.detach().requires_grad_(True) if x.requires_grad else x.requires_grad_(True)
                 out = self._flat(part.func(self._t(pt.t), self._y(xr)), part.name)
             pt.graph = (xr, out)
         return pt.graph
@@ -401,7 +424,7 @@ class TorchProblem(_CallbackErrors):
         gps = (grads[1:] if want_x else grads) if want_p else None
         if want_p and observers.active():
             observers.notify(observers.VjpEvent(
-                func=part.func, t=pt.t, y=self._y(self._x(pt.x)),
+                func=part.func, t=pt.t, y=self._y(self._x(pt.x.detach())),
                 cotangent=self._y(v.clone()),  # v views PETSc's work vector
                 weight=pt.weight, params=self.params, param_grads=tuple(gps)))
         return gx, gps
@@ -420,6 +443,9 @@ class TorchProblem(_CallbackErrors):
         weight (:meth:`accumulate_params`) or kept for PETSc's parameter product with
         the same vector ``x``, which follows.
         """
+        pg = self.param_grad
+        if pg is not None and not observers.active():  # explicit RK: the common stage
+            return self._rk_state_product(part, v, pg)
         want_p = self.n_params > 0
         gx, gps = self.vjp(part, v, want_x=True, want_p=want_p, last=True)
         if want_p:
@@ -428,6 +454,25 @@ class TorchProblem(_CallbackErrors):
                 self.param_grad.add(gps, pt.weight, self.params)
             else:
                 pt.cached_v, pt.cached_gp = _vec_key(x), self._flat_params(gps)
+        return gx if gx.dtype == torch.float64 else gx.to(torch.float64)
+
+    def _rk_state_product(self, part: _Part, v: torch.Tensor, pg: ParamGradient) -> torch.Tensor:
+        """:meth:`vjp` for state and parameters at the last product of a point, inlined
+        (the parameter product goes to ``pg`` with the stage's weight)."""
+        pt = part.point
+        xr, out = pt.graph if pt.graph is not None else self._graph(part, pt)
+        if v.dtype != out.dtype:
+            v = v.to(out.dtype)
+        if out.requires_grad:
+            grads = _engine_grad(out, (xr, *self.params), v, False)
+        else:  # func depends on neither y nor the parameters: every block is zero
+            grads = (None,) * (1 + len(self.params))
+        pt.graph = None  # the last product at this point: its graph's buffers go now
+        self.counters.vjp += 1
+        pg.add(grads[1:], pt.weight, self.params)
+        gx = grads[0]
+        if gx is None:  # func does not depend on y (e.g. a forcing term)
+            gx = torch.zeros_like(xr)
         return gx if gx.dtype == torch.float64 else gx.to(torch.float64)
 
     def param_product(self, part: _Part, x: PETSc.Vec) -> torch.Tensor:
@@ -467,23 +512,26 @@ class TorchProblem(_CallbackErrors):
             if graphs is None or graphs.budget == 0:  # a zero budget keeps nothing: "stages"
                 if torch.is_grad_enabled():
                     with torch.no_grad():
-                        out = self._eval(self.explicit, t, x)
+                        out = self._value(self.explicit, t, x)
                 else:  # as inside autograd's forward and backward
-                    out = self._eval(self.explicit, t, x)
-                self.views.write(F).copy_(out)
+                    out = self._value(self.explicit, t, x)
+                self._write_checked(self.explicit, t, out, F)
                 return
             # keep the graph: the adjoint's vjp at this stage is then a backward pass only
             with torch.enable_grad():
-                xc = x.clone()
-                xr = self._x(xc).detach().requires_grad_(True)
+                if self._is64:  # the leaf itself is the state's copy the store compares
+                    xc = xr = x.clone().requires_grad_(True)
+                else:
+                    xc = x.clone()
+                    xr = self._x(xc).requires_grad_(True)
                 if graphs.budget is not None and self._entry_bytes is None:
                     out, self._entry_bytes = graph_bytes(
-                        lambda: self._eval(self.explicit, t, xr), xr, self.params)
+                        lambda: self._value(self.explicit, t, xr), xr, self.params)
                     graphs.entry_bytes = self._entry_bytes
                 else:
-                    out = self._eval(self.explicit, t, xr)
+                    out = self._value(self.explicit, t, xr)
+            self._write_checked(self.explicit, t, out, F)
             graphs.keep(t, xc, xr, out)
-            self.views.write(F).copy_(out.detach())
         except BaseException as exc:
             self.failed(exc, t, F)
 
