@@ -101,6 +101,10 @@ def _all_finite(flat: torch.Tensor) -> bool:
     return math.isfinite(float(flat.sum())) or bool(torch.isfinite(flat).all())
 
 
+#: largest state whose finiteness checks use PETSc's VecSum rather than a torch reduction
+VECSUM_MAX = 2048
+
+
 class _LinPoint:
     """A linearisation point (t, x) and, lazily, the autograd graph of f there.
 
@@ -151,7 +155,8 @@ class ParamGradient:
     """
 
     BATCH = 16
-    PENDING_ENTRIES = 2**19  # at most this many held entries (stages x parameters)
+    PENDING_ENTRIES = 2**14  # at most this many held entries (stages x parameters): past
+    # that, batches run out of cache and cost more than they save (an MLP 32-128-32: 1.1x)
 
     def __init__(self) -> None:
         self._flat: torch.Tensor | None = None
@@ -389,12 +394,13 @@ class TorchProblem(_CallbackErrors):
     def _write_checked(self, part: _Part, t: float, out: torch.Tensor, F: PETSc.Vec) -> None:
         """Write func's output into ``F``, raising ``FloatingPointError`` if it is NaN/Inf.
 
-        Serial solves check ``F`` by one VecSum (no torch operator); a collective one
-        checks the local output (a VecSum would be a collective call that a rank which
-        failed earlier does not make).  A non-finite sum is re-checked element by element
-        (finite values can overflow it).
+        Small serial solves check ``F`` by one VecSum (no torch operator; PETSc's sum is
+        a scalar loop, so large states use torch's); a collective one checks the local
+        output (a VecSum would be a collective call that a rank which failed earlier does
+        not make).  A non-finite sum is re-checked element by element (finite values can
+        overflow it).
         """
-        if self.collective:
+        if self.collective or self.n > VECSUM_MAX:
             ok = _all_finite(out)
         else:
             self.views.write(F).copy_(out.detach() if torch.is_grad_enabled() else out)

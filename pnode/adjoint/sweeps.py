@@ -25,6 +25,7 @@ from ..errors import CheckpointError
 from . import failures
 from .distributed import gather_failures
 from .interrupts import files_removed_on_sigterm
+from .problem import VECSUM_MAX
 from .store import StateStore
 
 if TYPE_CHECKING:
@@ -82,9 +83,13 @@ class AdjointSweep:
     def check_finite(self, t: float, steps: int, hint: str = "") -> None:
         """Raise :class:`pnode.SolverError` if the adjoint is NaN/Inf (on any rank)."""
         s = self.solver
-        # one VecSum (collective: every rank calls it here), no torch operator; a non-finite
-        # sum is re-checked element by element (finite values can overflow it)
-        ok = math.isfinite(s.lam.sum()) or _finite(s.problem.views.read(s.lam))
+        # small states: one VecSum (collective: every rank calls it here), no torch operator;
+        # a non-finite sum is re-checked element by element (finite values can overflow it)
+        lam = s.problem.views.read(s.lam)
+        if s.n <= VECSUM_MAX or s.dist is not None:
+            ok = math.isfinite(s.lam.sum()) or _finite(lam)
+        else:
+            ok = _finite(lam)
         if s.n_params:
             pg = s.problem.param_grad
             ok = ok and (pg.finite() if pg is not None else _finite(s.problem.views.read(s.mu)))
