@@ -193,8 +193,8 @@ class ParamGradient:
             self._flush()
             self._allocate(params)
         # (identity tests: `None in grads` would call Tensor.__eq__, tens of microseconds)
-        if self._fast and all(g is not None for g in grads):
-            if self._batch > 1 and cotangent is not None and not _shares(grads, cotangent):
+        if self._fast and self._batch > 1 and all(g is not None for g in grads):
+            if cotangent is not None and not _shares(grads, cotangent):
                 self._pending.append(grads)
                 self._weights.append(weight)
                 if len(self._pending) >= self._batch:
