@@ -400,15 +400,16 @@ class TorchProblem(_CallbackErrors):
         not make).  A non-finite sum is re-checked element by element (finite values can
         overflow it).
         """
-        if self.collective or self.n > VECSUM_MAX:
-            ok = _all_finite(out)
-        else:
+        by_vecsum = not self.collective and self.n <= VECSUM_MAX
+        if by_vecsum:
             self.views.write(F).copy_(out.detach() if torch.is_grad_enabled() else out)
             ok = math.isfinite(F.sum()) or bool(torch.isfinite(out.detach()).all())
+        else:
+            ok = _all_finite(out)
         if not ok:
             raise FloatingPointError(f"{part.name} returned NaN or Inf at t={t:.6g}")
-        if self.collective:
-            self.views.write(F).copy_(out.detach())
+        if not by_vecsum:
+            self.views.write(F).copy_(out.detach() if torch.is_grad_enabled() else out)
 
     # -- call lifetime --------------------------------------------------------------------
     def keep_graphs(self, on: bool, memory_mib: float | None = None) -> None:
