@@ -101,6 +101,18 @@ def _all_finite(flat: torch.Tensor) -> bool:
     return math.isfinite(float(flat.sum())) or bool(torch.isfinite(flat).all())
 
 
+def _grad_on() -> bool:
+    """Switch grad mode on (as ``torch.enable_grad()``, without a context manager object per
+    stage); returns the previous mode for :func:`_set_grad`."""
+    was = torch.is_grad_enabled()
+    if not was:
+        _set_grad(True)
+    return was
+
+
+_set_grad = torch._C._set_grad_enabled
+
+
 #: largest state whose finiteness checks use PETSc's VecSum rather than a torch reduction
 VECSUM_MAX = 2048
 
@@ -448,10 +460,13 @@ class TorchProblem(_CallbackErrors):
 
     def _graph(self, part: _Part, pt: _LinPoint):
         if pt.graph is None:
-            with torch.enable_grad():
+            was = _grad_on()
+            try:
                 x = self._x(pt.x)  # the point's own copy: it can be the leaf itself
                 xr = x.detach().requires_grad_(True) if x.requires_grad else x.requires_grad_(True)
                 out = self._flat(part.func(self._t(pt.t), self._y(xr)), part.name)
+            finally:
+                _set_grad(was)
             pt.graph = (xr, out)
         return pt.graph
 
@@ -574,7 +589,8 @@ class TorchProblem(_CallbackErrors):
                 self._write_checked(self.explicit, t, out, F)
                 return
             # keep the graph: the adjoint's vjp at this stage is then a backward pass only
-            with torch.enable_grad():
+            was = _grad_on()
+            try:
                 if self._is64:  # the leaf itself is the state's copy the store compares
                     xc = xr = x.clone().requires_grad_(True)
                 else:
@@ -586,6 +602,8 @@ class TorchProblem(_CallbackErrors):
                     graphs.entry_bytes = self._entry_bytes
                 else:
                     out = self._value(self.explicit, t, xr)
+            finally:
+                _set_grad(was)
             self._write_checked(self.explicit, t, out, F)
             graphs.keep(t, xc, xr, out)
         except BaseException as exc:
