@@ -213,12 +213,7 @@ class ParamGradient:
                     self._flush()
                 return
             self._flush()
-            # one flat product and one flat sum; elementwise, so each entry is rounded as below
-            if len(grads) > 1:
-                scaled = torch.cat([g.reshape(-1) for g in grads]).mul_(weight)
-            else:
-                scaled = grads[0].reshape(-1) * weight
-            self._flat.add_(scaled)
+            self._add_one(grads, weight)
             return
         self._flush()
         acc, used = self._views, grads
@@ -229,10 +224,23 @@ class ParamGradient:
             # two rounding steps, as PETSc's VecScale then VecAXPY(1): bit for bit the same
             torch._foreach_add_(acc, torch._foreach_mul(used, weight))
 
+    def _add_one(self, grads: Sequence[torch.Tensor], weight: float) -> None:
+        # one flat product and one flat sum; elementwise, so each entry is rounded as below
+        if len(grads) > 1:
+            scaled = torch.cat([g.reshape(-1) for g in grads]).mul_(weight)
+        else:
+            scaled = grads[0].reshape(-1) * weight
+        self._flat.add_(scaled)
+
     def _flush(self) -> None:
         """Add the held products: ``acc + w_1 g_1 + w_2 g_2 + ...``, left to right."""
         pending, k = self._pending, len(self._pending)
         if not k:
+            return
+        if k == 1:  # (a short sweep, or a check between segments)
+            self._add_one(pending[0], self._weights[0])
+            pending.clear()
+            self._weights.clear()
             return
         cols = [torch.stack([g[j] for g in pending]).view(k, -1) for j in range(len(self._views))]
         scaled = (torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]).mul_(
