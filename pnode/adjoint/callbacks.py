@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from .problem import vec_view
 from .state import StateSpec
@@ -40,7 +41,35 @@ _FORWARD = ("callback_step", "callback_accept_step", "callback_reject_step")
 _ADJOINT = tuple(name + "_adjoint" for name in _FORWARD)
 
 
+def _none_defined(func: Any, names: tuple[str, ...]) -> bool:
+    """Whether ``func`` surely has none of ``names`` (no attribute look-up that can fail).
+
+    A failed ``getattr`` on an ``nn.Module`` goes through its ``__getattr__`` and raises,
+    which costs microseconds per name on every call; the class, the instance dict and a
+    module's parameters, buffers and submodules are where such an attribute can live.
+    """
+    cls = type(func)
+    if cls.__getattribute__ is not object.__getattribute__:
+        return False
+    d = getattr(func, "__dict__", None)
+    if type(d) is not dict or any(hasattr(cls, name) or name in d for name in names):
+        return False
+    getter = getattr(cls, "__getattr__", None)
+    if getter is None:
+        return True
+    if getter is not nn.Module.__getattr__:  # attributes made on demand: look them up
+        return False
+    # an nn.Module: its registered members are what its __getattr__ finds
+    for slot in ("_parameters", "_buffers", "_modules"):
+        members = d.get(slot)
+        if type(members) is not dict or any(name in members for name in names):
+            return False
+    return True
+
+
 def _find(func: Any, names: tuple[str, ...]) -> dict[str, Callable]:
+    if _none_defined(func, names):
+        return {}
     found = {}
     for name in names:
         cb = getattr(func, name, None)
@@ -76,10 +105,14 @@ class StepCallbacks:
 
     @classmethod
     def of(cls, func: Any, spec: StateSpec, reverse: bool, adaptive: bool,
-           times: list[float]) -> StepCallbacks | None:
+           times: list[float] | torch.Tensor) -> StepCallbacks | None:
         """The callbacks of ``func``, or ``None`` if it defines none."""
         found = _find(func, _FORWARD)
-        return cls(found, spec, reverse, adaptive, times) if found else None
+        if not found:
+            return None
+        if isinstance(times, torch.Tensor):
+            times = times.detach().tolist()
+        return cls(found, spec, reverse, adaptive, times)
 
     def _t(self, s: float) -> torch.Tensor:
         return torch.tensor(-s if self.reverse else s, dtype=self.spec.dtype)

@@ -41,7 +41,7 @@ import torch
 from petsc4py import PETSc
 
 from ..errors import Reason
-from .problem import vec_view
+from .problem import VECSUM_MAX, vec_view
 
 if TYPE_CHECKING:
     from .solver import TSSolver
@@ -220,11 +220,15 @@ class StepGuard:
 
     def _finite(self, u: PETSc.Vec) -> bool:
         # One VecSum (collective, the same value on every rank); a non-finite sum of finite
-        # huge entries is told apart by an exact check, agreed over the ranks.
-        if math.isfinite(u.sum()):
+        # huge entries is told apart by an exact check, agreed over the ranks.  A large
+        # serial state is summed by torch (PETSc's VecSum is a scalar loop).
+        dist = self.solver.dist
+        if dist is None and u.getLocalSize() > VECSUM_MAX:
+            if math.isfinite(float(self.solver.problem.views.read(u).sum())):
+                return True
+        elif math.isfinite(u.sum()):
             return True
         ok = bool(torch.isfinite(vec_view(u)).all())
-        dist = self.solver.dist
         return ok if dist is None else dist.all_true(ok)
 
     @staticmethod

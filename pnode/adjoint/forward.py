@@ -70,7 +70,7 @@ def forward_sweep(solver: TSSolver, y0: torch.Tensor, t: torch.Tensor, *,
     c0 = (prob.counters.rhs, prob.counters.jvp, prob.counters.vjp, prob.counters.jacobians)
     start = _time.perf_counter()
     tt = t.tolist()
-    vec_view(solver.x, "w").copy_(y0)
+    prob.views.write(solver.x).copy_(y0)  # the solution Vec: one cached view
     ts.setTime(tt[0])
     ts.setStepNumber(0)
     ts.setMaxTime(tt[-1])
@@ -165,7 +165,7 @@ def _outputs(solver: TSSolver, tt: list[float]) -> torch.Tensor:
     sol_times, sol_vecs = ts.getEvaluationSolutions()
     if len(sol_times) != len(tt):
         failures.fail(solver, "forward", tt[len(sol_times)] if len(sol_times) < len(tt) else tt[-1])
-    ys = torch.stack([vec_view(v) for v in sol_vecs]).clone()
+    ys = torch.stack([vec_view(v) for v in sol_vecs])  # a new tensor: no copy needed
     # Step index of each output: the monitor saw the same ts->ptime values PETSc stored.
     step_of = {time: step for step, time in solver.log.steps}
     solver.seg_steps = [step_of[float(s)] for s in sol_times]

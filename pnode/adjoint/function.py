@@ -36,10 +36,9 @@ class OdeintFunction(torch.autograd.Function):
         record = call.record and any(ctx.needs_input_grad[1:])
         lease = call.acquire(record)
         lease.solver.log.hooks = list(call.step_hooks)  # this forward only, not replays
+        y0, t_ = y0.detach(), t.detach()
         try:
-            ys64 = lease.solver.forward(
-                y0.detach().to(torch.float64), t.detach().to(torch.float64), record=record
-            )
+            ys64 = lease.solver.forward(_f64(y0), _f64(t_), record=record)
         except BaseException:
             lease.release()
             raise
@@ -49,9 +48,9 @@ class OdeintFunction(torch.autograd.Function):
             lease.release()
         ctx.call, ctx.lease = call, lease
         # inputs for a replay; their version counters tell whether they changed in place since
-        ctx.inputs = (y0.detach(), t.detach())
-        ctx.versions = [x._version for x in (y0, *params)]
-        ys = ys64.to(y0.dtype)
+        ctx.inputs = (y0, t_)
+        ctx.versions = [x._version for x in (y0, *params)]  # (a detached alias shares it)
+        ys = ys64 if y0.dtype == torch.float64 else ys64.to(y0.dtype)
         ctx.save_for_backward(t, ys)
         return ys
 
@@ -65,7 +64,7 @@ class OdeintFunction(torch.autograd.Function):
         t, ys = ctx.saved_tensors
         if not lease.active:  # a previous backward used the trajectory: record it again
             lease = _replay(ctx)
-        g = grad_ys.detach().to(torch.float64)
+        g = _f64(grad_ys.detach())
         lease.solver.adjoint_callbacks = call.adjoint_callbacks
         try:
             grad_y0, grad_p = lease.solver.adjoint(g)
@@ -76,7 +75,13 @@ class OdeintFunction(torch.autograd.Function):
             lease.solver.adjoint_callbacks = None
             lease.release()
         grads_p = call.split_param_grads(grad_p)
-        return (None, grad_y0.to(ys.dtype), grad_t, *grads_p)
+        return (None, grad_y0 if grad_y0.dtype == ys.dtype else grad_y0.to(ys.dtype), grad_t,
+                *grads_p)
+
+
+def _f64(x: torch.Tensor) -> torch.Tensor:
+    # (``to`` dispatches an operator even when it has nothing to do)
+    return x if x.dtype == torch.float64 else x.to(torch.float64)
 
 
 def _replay(ctx: Any) -> Lease:

@@ -9,7 +9,6 @@ but recomputes stage *times* with different rounding, so time is no key.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,7 +20,15 @@ Entry = tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class GraphStore:
-    """Kept forward graphs, found by the sum of their input state (confirmed by comparison).
+    """Kept forward graphs, found again by the state they were evaluated at.
+
+    :meth:`pop` returns the latest kept evaluation whose state equals the requested
+    one (``torch.equal``).  The adjoint visits evaluations in the reverse order of
+    the forward, so that is almost always the latest live entry (or the one below a
+    stage PETSc's adjoint skips, such as a first-same-as-last stage): the newest
+    :data:`SCAN` live entries are compared first, and only when none matches is an
+    index by the sum of each state built (once) and searched, as before, among the
+    entries with the requested state's sum (equal states have equal sums).
 
     Parameters
     ----------
@@ -32,51 +39,75 @@ class GraphStore:
         Bytes one kept evaluation holds (see :func:`graph_bytes`); needed with a budget.
     """
 
+    #: live entries compared from the newest down before the sum index is used
+    SCAN = 2
+
     def __init__(self, budget_bytes: float | None = None, entry_bytes: int | None = None) -> None:
         self.budget = budget_bytes
         self.entry_bytes = entry_bytes
-        self._by_sum: dict[float, list[Entry]] = {}
-        self._fifo: deque[tuple[float, Entry]] = deque()
+        self._slots: list[Entry | None] = []  # evaluation order; None: popped or dropped
+        self._live = 0
+        self._first = 0  # the slots before it were dropped (or looked at) by the budget
+        self._top = 0  # one past the newest slot that may be live
         self._bytes = 0
+        self._index: dict[float, list[int]] | None = None  # state sum -> slots (built lazily)
+        self._scan = self.SCAN
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self._by_sum.values())
+        return self._live
 
     def keep(self, t: float, xc: torch.Tensor, xr: torch.Tensor, out: torch.Tensor) -> None:
         """Keep the graph of ``out = f(t, xr)``; ``xc`` is the state's (unchanging) copy."""
-        key = float(xc.sum())
-        entry = (t, xc, xr, out)
-        self._by_sum.setdefault(key, []).append(entry)
+        slots = self._slots
+        slots.append((t, xc, xr, out))
+        self._live += 1
+        self._top = len(slots)
+        if self._index is not None:
+            self._index.setdefault(float(xc.sum()), []).append(len(slots) - 1)
         if self.budget is None:
             return
-        self._fifo.append((key, entry))
         self._bytes += self.entry_bytes
-        while self._bytes > self.budget and self._fifo:
-            old_key, old = self._fifo.popleft()
+        # the earliest evaluations go first (popped ones still count, as they always did)
+        while self._bytes > self.budget and self._first < len(slots):
+            if slots[self._first] is not None:
+                self._take(self._first)
+            self._first += 1
             self._bytes -= self.entry_bytes
-            self._remove(old_key, old)
 
-    def _remove(self, key: float, entry: Entry) -> None:
-        entries = self._by_sum.get(key, [])
-        for i, e in enumerate(entries):
-            if e is entry:
-                del entries[i]
-                break
-        if not entries:
-            self._by_sum.pop(key, None)
+    def _take(self, i: int) -> Entry:
+        entry = self._slots[i]
+        self._slots[i] = None
+        self._live -= 1
+        if self._index is not None:
+            self._index[float(entry[1].sum())].remove(i)
+        return entry
 
     def pop(self, x: torch.Tensor) -> Entry | None:
-        """The kept evaluation at state ``x`` (removed from the store), or ``None``."""
-        key = float(x.sum())
-        entries = self._by_sum.get(key)
-        if entries:
-            # the latest first: within a step the adjoint visits stages in reverse order
-            for i in range(len(entries) - 1, -1, -1):
-                if torch.equal(entries[i][1], x):
-                    hit = entries.pop(i)
-                    if not entries:
-                        del self._by_sum[key]
-                    return hit
+        """The latest kept evaluation at state ``x`` (removed from the store), or ``None``."""
+        slots, i, seen = self._slots, self._top, 0
+        while i > self._first and seen < self._scan:
+            i -= 1
+            entry = slots[i]
+            if entry is None:
+                if i == self._top - 1:
+                    self._top = i  # nothing live above it any more
+                continue
+            seen += 1
+            if torch.equal(entry[1], x):
+                return self._take(i)
+        if self._live == 0:
+            return None
+        # not among the newest: every entry by its state's sum (computed once each)
+        if self._index is None:
+            self._index = {}
+            for j in range(self._first, len(slots)):
+                if slots[j] is not None:
+                    self._index.setdefault(float(slots[j][1].sum()), []).append(j)
+        self._scan = 1  # the order is broken (e.g. a rejected step's stages): look less
+        bucket = self._index.get(float(x.sum()), ())
+        for j in reversed(bucket):  # the latest first
+            if torch.equal(slots[j][1], x):
+                return self._take(j)
         return None
 
 

@@ -188,11 +188,11 @@ class _Call:
         return self.dist.sum(agree(self.dist.comm, local)).to(t.dtype)
 
     def split_param_grads(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        out, i = [], 0
-        for p in self.params:
-            out.append(flat[i:i + p.numel()].view_as(p).to(p.dtype))
-            i += p.numel()
-        return out
+        if not self.params:
+            return []
+        parts = flat.split([p.numel() for p in self.params])
+        return [g.view(p.shape) if p.dtype == g.dtype else g.view(p.shape).to(p.dtype)
+                for g, p in zip(parts, self.params, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def _collect_params(func, adjoint_params, probe: tuple | None = None) -> list[to
                     params.append(p)
     params = [p for p in params if p.requires_grad]
     for p in params:
-        _check_finite(p.detach(), "a parameter of func")
+        _check_finite(p, "a parameter of func")
     return params
 
 
@@ -536,6 +536,51 @@ class _Front:
     atol: float
     translated: compat.Translated
     petsc_options: Any
+    key: tuple | None = None  # the memo key of the non-tensor arguments (None: not memoised)
+
+
+# The non-tensor input stage (method, tolerances, options, PETSc options, checkpoint) of
+# recent calls, by their hashable arguments: a training loop passes the same ones every
+# call, and checking and translating them again costs tens of microseconds per solve.  Only
+# arguments that passed every check are kept; anything unusual takes the general path.
+_MEMO: dict[tuple, tuple] = {}
+_MEMO_MAX = 128
+_PLAIN = (int, str, bool, type(None))
+
+
+def _items_key(d: Any) -> tuple | None:
+    """``d`` (None or a dict of plain values) as a key that tells apart what the checks do."""
+    if d is None:
+        return None
+    if type(d) is not dict:
+        raise TypeError
+    out = []
+    for k, v in d.items():
+        tv = type(v)
+        if type(k) is not str or not (tv in _PLAIN or tv is float):
+            raise TypeError
+        # repr: -0.0 and 0.0 are equal but would be passed on as different option strings
+        out.append((k, tv, repr(v) if tv is float else v))
+    return tuple(out)
+
+
+def _memo_key(method, rtol, atol, options, petsc_options, reverse: bool,
+              adjoint: tuple) -> tuple | None:
+    """The memo key of a call's non-tensor arguments, or ``None`` (general path)."""
+    if adjoint != (None, None, None, None) or not (method is None or type(method) is str) \
+            or type(rtol) not in (int, float) or type(atol) not in (int, float):
+        return None
+    try:
+        return (method, type(rtol), repr(rtol), type(atol), repr(atol), _items_key(options),
+                _items_key(petsc_options), reverse)
+    except TypeError:
+        return None
+
+
+def _remember(key: tuple, value: tuple) -> None:
+    if len(_MEMO) >= _MEMO_MAX:
+        _MEMO.clear()
+    _MEMO[key] = value
 
 
 def _front(func, y0, t, *, rtol, atol, method, options, adjoint_rtol, adjoint_atol,
@@ -545,6 +590,14 @@ def _front(func, y0, t, *, rtol, atol, method, options, adjoint_rtol, adjoint_at
         raise TypeError(f"func must be callable, got {type(func).__name__}")
     tensors = _check_state(y0)
     times = check_times(t, event=event)
+    key = _memo_key(method, rtol, atol, options, petsc_options, times.reverse,
+                    (adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options))
+    hit = _MEMO.get(key) if key is not None else None
+    # the method registry may have changed since (unregister_method, register_method)
+    if hit is not None and resolve_method(method) is hit[0]:
+        m, rtol, atol, tr, petsc_options = hit
+        return _Front(reverse_field(func) if times.reverse else func, tensors, times, m, rtol,
+                      atol, tr, petsc_options, key)
     m = resolve_method(method)
     rtol, atol = compat.tolerance(rtol, "rtol"), compat.tolerance(atol, "atol")
     compat.check_adjoint_keywords(method=m, rtol=rtol, atol=atol, adjoint_rtol=adjoint_rtol,
@@ -553,8 +606,10 @@ def _front(func, y0, t, *, rtol, atol, method, options, adjoint_rtol, adjoint_at
     tr = compat.translate_options(options, m, reverse=times.reverse)
     if tr.petsc and (petsc_options is None or isinstance(petsc_options, Mapping)):
         petsc_options = {**tr.petsc, **(petsc_options or {})}  # the caller's values win
+    if key is not None:
+        _remember(key, (m, rtol, atol, tr, petsc_options))
     return _Front(reverse_field(func) if times.reverse else func, tensors, times, m, rtol, atol,
-                  tr, petsc_options)
+                  tr, petsc_options, key)
 
 
 def reverse_field(func: Callable) -> Callable:
@@ -610,7 +665,7 @@ def _odeint(func, y0, t, *, adjoint_params, checkpoint, comm, mass, step_hooks=(
     call.step_hooks = list(step_hooks)
     reverse, user_func = fronts[-1].times.reverse, func
     fwd = StepCallbacks.of(user_func, spec, reverse, m.adaptive and opts.step_size is None,
-                           t_out.detach().tolist())
+                           t_out)
     if fwd is not None:
         call.step_hooks.append(fwd.hook)
     call.adjoint_callbacks = AdjointCallbacks.of(user_func, spec, reverse, params)
@@ -633,15 +688,15 @@ def _odeint(func, y0, t, *, adjoint_params, checkpoint, comm, mass, step_hooks=(
         stats = call.solver_stats()
         if stats is not None:  # last_stats() describes the caller's outputs
             stats.output_steps = [stats.output_steps[i] for i in index.tolist()]
+    if not spec.is_tuple and len(spec.shapes[0]) == 1:
+        return ys  # already [len(t), n]: no view (and no autograd node) in between
     return spec.unflatten(ys)
 
 
 def _prepare(front: _Front, func, y0, adjoint_params, checkpoint, mass, dist):
     """Options, parameters, flat state and engine times of a checked call."""
     m, tensors = front.method, front.tensors
-    options, dae_init = dae.split_options(front.translated.options)
-    opts = _build_options(m, front.rtol, front.atol, options, checkpoint, front.petsc_options,
-                          isinstance(func, IMEX))
+    opts, dae_init = _solve_options(front, checkpoint, isinstance(func, IMEX))
     # a policy validated where it was built, on that rank only, checks again here, inside the
     # collective agreement: a directory missing on one rank (node-local scratch) fails every rank
     opts.checkpoint.check_local()
@@ -653,7 +708,10 @@ def _prepare(front: _Front, func, y0, adjoint_params, checkpoint, mass, dist):
     params = _collect_params(func, adjoint_params, probe)
 
     # normalise: flat state, increasing times in the state's dtype, extra step ends
-    flat = spec.flatten(tuple(tensors) if spec.is_tuple else tensors[0])
+    if not spec.is_tuple and tensors[0].dim() == 1:
+        flat = tensors[0]  # already flat: no view (and no autograd node) in between
+    else:
+        flat = spec.flatten(tuple(tensors) if spec.is_tuple else tensors[0])
     ts_ = front.times.solver_t
     t_out = ts_.to(spec.dtype) if ts_.dtype != spec.dtype else ts_
     t_out, index = merge_times(t_out, _extra_times(front, func, y0))
@@ -663,3 +721,21 @@ def _prepare(front: _Front, func, y0, adjoint_params, checkpoint, mass, dist):
         consistent_init=dae_init, params=params, collective=dist is not None)
     opts = dae.solve_options(mass_obj, m, opts)
     return m, opts, params, spec, flat, t_out, (mass_obj, index)
+
+
+def _solve_options(front: _Front, checkpoint, imex: bool) -> tuple[SolveOptions, bool]:
+    """:func:`_build_options` of a checked call (memoised with the input stage)."""
+    key = None
+    if front.key is not None and (type(checkpoint) is str or isinstance(checkpoint, Checkpoint)):
+        # a policy object by identity (the memo holds it, so its id is not reused)
+        key = ("options", front.key, checkpoint if type(checkpoint) is str else id(checkpoint),
+               imex)
+        hit = _MEMO.get(key)
+        if hit is not None and hit[0] is front.method:
+            return hit[1], hit[2]
+    options, dae_init = dae.split_options(front.translated.options)
+    opts = _build_options(front.method, front.rtol, front.atol, options, checkpoint,
+                          front.petsc_options, imex)
+    if key is not None:
+        _remember(key, (front.method, opts, dae_init, checkpoint))
+    return opts, dae_init

@@ -25,7 +25,7 @@ from ..errors import CheckpointError
 from . import failures
 from .distributed import gather_failures
 from .interrupts import files_removed_on_sigterm
-from .problem import vec_view
+from .problem import VECSUM_MAX
 from .store import StateStore
 
 if TYPE_CHECKING:
@@ -55,11 +55,12 @@ class AdjointSweep:
         s.petsc.set_adjoint_mode(True)
         self.vjps, self.graph_hits = prob.counters.vjp, prob.counters.graph_hits
         self.start = _time.perf_counter()
-        vec_view(s.lam, "w").copy_(self.grad_ys[-1])
+        views = prob.views  # the solver's own Vecs: one cached view each
+        views.write(s.lam).copy_(self.grad_ys[-1])
         if prob.param_grad is not None:  # accumulated by the problem (explicit RK)
             prob.param_grad.reset()
         elif s.n_params:
-            vec_view(s.mu, "w").zero_()
+            views.write(s.mu).zero_()
         return self
 
     def __exit__(self, kind, exc, tb) -> bool:
@@ -76,15 +77,22 @@ class AdjointSweep:
 
     def add_output_gradient(self, k: int) -> None:
         """Add the incoming gradient of output ``k`` to the state adjoint."""
-        vec_view(self.solver.lam, "w").add_(self.grad_ys[k])
+        s = self.solver
+        s.problem.views.write(s.lam).add_(self.grad_ys[k])
 
     def check_finite(self, t: float, steps: int, hint: str = "") -> None:
         """Raise :class:`pnode.SolverError` if the adjoint is NaN/Inf (on any rank)."""
         s = self.solver
-        ok = _finite(vec_view(s.lam))
+        # small states: one VecSum (collective: every rank calls it here), no torch operator;
+        # a non-finite sum is re-checked element by element (finite values can overflow it)
+        lam = s.problem.views.read(s.lam)
+        if s.n <= VECSUM_MAX or s.dist is not None:
+            ok = math.isfinite(s.lam.sum()) or _finite(lam)
+        else:
+            ok = _finite(lam)
         if s.n_params:
             pg = s.problem.param_grad
-            ok = ok and (pg.finite() if pg is not None else _finite(vec_view(s.mu)))
+            ok = ok and (pg.finite() if pg is not None else _finite(s.problem.views.read(s.mu)))
         if not (ok if s.dist is None else s.dist.all_true(ok)):
             s.busy = False
             s.petsc.configure()
@@ -97,7 +105,7 @@ class AdjointSweep:
         s.stats.vjps = counters.vjp - self.vjps
         s.stats.graph_hits = counters.graph_hits - self.graph_hits
         s.stats.adjoint_seconds = _time.perf_counter() - self.start
-        return vec_view(s.lam).clone(), self._param_gradient()
+        return s.problem.views.read(s.lam).clone(), self._param_gradient()
 
     def _param_gradient(self) -> torch.Tensor:
         """The parameter gradient: this rank's block, summed over ranks (one allreduce)."""
@@ -105,7 +113,7 @@ class AdjointSweep:
         if not s.n_params:
             return torch.zeros(0, dtype=torch.float64)
         pg = s.problem.param_grad
-        mu = pg.value(s.n_params) if pg is not None else vec_view(s.mu).clone()
+        mu = pg.value(s.n_params) if pg is not None else s.problem.views.read(s.mu).clone()
         return s.dist.sum(mu) if s.dist is not None else mu
 
 
@@ -288,7 +296,7 @@ class ScheduledSweep:
             s.petsc.configure(force={"ts_adapt_type": "none"})
             s.petsc.set_adjoint_mode(True)
             self.replaying = True
-        vec_view(s.x, "w").copy_(x)
+        s.problem.views.write(s.x).copy_(x)
         ts.setTime(times[k])
         ts.setStepNumber(k)
         ts.restartStep()  # no first-same-as-last reuse of another step's stage
@@ -307,4 +315,4 @@ class ScheduledSweep:
         if s.problem.error is not None or ts.getConvergedReason() < 0 \
                 or ts.getStepNumber() != k + 1:
             failures.fail(s, "adjoint", times[k + 1])
-        return vec_view(s.x).clone()
+        return s.problem.views.read(s.x).clone()

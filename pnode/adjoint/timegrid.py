@@ -156,6 +156,19 @@ def _as_times(value: Any, name: str) -> list[float]:
     return out
 
 
+_POSITIONS: dict[int, torch.Tensor] = {}
+
+
+def _positions(n: int) -> torch.Tensor:
+    """``torch.arange(n)``, made once per ``n`` (the engine only reads it)."""
+    index = _POSITIONS.get(n)
+    if index is None:
+        if len(_POSITIONS) >= 64:
+            _POSITIONS.clear()
+        index = _POSITIONS[n] = torch.arange(n)
+    return index
+
+
 def merge_times(t: torch.Tensor, extra: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge step-end times into increasing output times.
 
@@ -174,11 +187,13 @@ def merge_times(t: torch.Tensor, extra: Sequence[float]) -> tuple[torch.Tensor, 
     index : Tensor
         Position of each output time in ``merged``.
     """
+    if not extra:  # the usual call: nothing to merge
+        return t, _positions(t.shape[0])
     tl = t.detach().tolist()
     lo, hi, have = tl[0], tl[-1], set(tl)
     add = sorted({x for x in extra if lo < x < hi and x not in have})
     if not add:
-        return t, torch.arange(len(tl))
+        return t, _positions(len(tl))
     allt = sorted([(x, i) for i, x in enumerate(tl)] + [(x, -1) for x in add])
     index = torch.tensor([k for k, (_, i) in enumerate(allt) if i >= 0])
     fill = torch.tensor([x for x, _ in allt], dtype=t.dtype)

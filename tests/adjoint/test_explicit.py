@@ -152,3 +152,13 @@ def test_solver_reuse_and_interleaved_solves():
     ra = torch.autograd.grad(pnode.odeint(func, y0a, T, **kw)[-1].sum(), [y0a])[0]
     rb = torch.autograd.grad(pnode.odeint(func, y0b, T, **kw)[-1].sum(), [y0b])[0]
     assert rel_err(ga, ra) < 1e-13 and rel_err(gb, 2 * rb) < 1e-13
+
+
+@pytest.mark.parametrize("checkpoint", ["stages", "graph"])
+def test_large_state_gradients_exact(checkpoint):
+    # a state past problem.VECSUM_MAX: finiteness checks by torch instead of VecSum
+    from pnode.adjoint.problem import VECSUM_MAX
+
+    func = TimeMLP().double()
+    y0 = torch.randn(VECSUM_MAX // 3 + 7, 3, dtype=torch.float64, requires_grad=True)
+    _compare(func, y0, "rk4", options={"step_size": 0.25}, checkpoint=checkpoint)
