@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from petsc4py import PETSc
 
-__all__ = ["dense_jacobian", "block_jacobian", "engine_grad", "fill_dense", "fill_blocks"]
+__all__ = ["Assembly", "dense_jacobian", "block_jacobian", "engine_grad", "fill_dense", "fill_blocks"]
 
 
 def engine_grad(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], v: torch.Tensor,
@@ -121,3 +121,77 @@ def fill_blocks(P: PETSc.Mat, blocks: torch.Tensor, shift: float) -> None:
     P.setValuesBlockedCSR(np.arange(batch + 1, dtype=it), np.arange(batch, dtype=it),
                           blocks.reshape(-1).numpy())
     P.assemble()
+
+
+class Assembly:
+    """When the assembled implicit Jacobian ``P = shift * M - df/dx`` is computed again.
+
+    - **The same point again** (``(t, x)`` bit for bit that of the last computed
+      Jacobian): its Jacobian is reused, refilled with the new shift.  The adjoint of
+      a stiffly accurate scheme linearises at each step's end twice (the last stage of
+      one step is the first of the next; theta methods use both ends of each step), so
+      this saves a sixth (ARK) to a half (theta) of the adjoint's Jacobians, exactly.
+    - **A new stage of the same forward step** (``reuse_stages``, i.e. a
+      ``jacobian_lag`` above 1): the stage solves of one step share the shift
+      ``1 / (h a_ii)`` (ESDIRK), and the first Jacobian of the step serves them all
+      (modified Newton across the stages, as ``jacobian_lag`` already does within each
+      stage).  Newton still converges to ``snes_rtol``, and the adjoint, whose time
+      step PETSc makes negative, always gets the exact Jacobian of each stage.  A new
+      step attempt (other time, step size or shift) computes a fresh one.
+
+    Parameters
+    ----------
+    dense : bool
+        Dense (else per-sample diagonal blocks, :func:`block_jacobian`).
+    batch : int
+        Samples of the state's first axis (blocks).
+    reuse_stages : bool
+        Share a forward step's first Jacobian between its stage solves.
+    """
+
+    def __init__(self, dense: bool, batch: int, reuse_stages: bool) -> None:
+        self.dense, self.batch, self.reuse_stages = dense, batch, reuse_stages
+        self.checked = False  # blocks: the samples were found independent once
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything held (a new sweep; the parameters may have changed)."""
+        self.held = None  # (point, Jacobian) of the last computed Jacobian
+        self.step: tuple[float, float, float] | None = None  # step attempt P holds
+        self.stage_t: float | None = None  # stage time of the last request
+
+    def keeps(self, ts, t: float, shift: float) -> bool:
+        """Whether ``P`` stays as it is for this request (a new stage of the same step)."""
+        h = ts.getTimeStep()
+        step = (ts.getTime(), h, shift)
+        # within one stage solve SNES's own lag decides; h < 0: an adjoint step
+        keep = self.reuse_stages and h > 0 and step == self.step and t != self.stage_t
+        self.stage_t = t
+        self.step = step
+        return keep
+
+    def same_point(self, pt) -> torch.Tensor | None:
+        """The held Jacobian if ``pt`` is its point again (its graph then moves to ``pt``)."""
+        held = self.held
+        if held is None or held[0].t != pt.t or not torch.equal(held[0].x, pt.x):
+            return None
+        if pt.graph is None:
+            pt.graph = held[0].graph
+        return held[1]
+
+    def compute(self, pt, xr: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The Jacobian (or its blocks) of the graph ``out = f(xr)`` at ``pt``; held."""
+        if self.dense:
+            jac = dense_jacobian(xr, out)
+        else:
+            jac = block_jacobian(xr, out, self.batch, not self.checked)
+            self.checked = True
+        self.held = (pt, jac)
+        return jac
+
+    def fill(self, P: PETSc.Mat, jac: torch.Tensor, shift: float, mass=None) -> None:
+        """Assemble ``shift * M - jac`` into ``P``."""
+        if self.dense:
+            fill_dense(P, jac, shift, mass)
+        else:
+            fill_blocks(P, jac, shift)

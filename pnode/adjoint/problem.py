@@ -263,7 +263,9 @@ class TorchProblem(_CallbackErrors):
         self.dense = jacobian == "dense"
         self.batch = spec.shapes[0][0] if jacobian == "blocks" else 1
         self.block = self.n // self.batch
-        self._blocks_checked = False
+        # the assembled implicit Jacobian (dense or blocks); the solver may turn on the
+        # reuse across a forward step's stages (jacobians.Assembly)
+        self.assembly = jacobians.Assembly(self.dense, self.batch, reuse_stages=False)
         self.explicit = _Part(explicit, "func") if explicit is not None else None
         self.implicit = (
             _Part(implicit, "IMEX implicit func" if explicit is not None else "func")
@@ -335,6 +337,7 @@ class TorchProblem(_CallbackErrors):
         for part in (self.explicit, self.implicit):
             if part is not None:
                 part.point = part.last_point = None
+        self.assembly.reset()
 
     # -- linearisation points and products ----------------------------------------------
     def _set_point(self, part: _Part, t: float, X: PETSc.Vec) -> _LinPoint:
@@ -524,17 +527,21 @@ class TorchProblem(_CallbackErrors):
             pt = self._set_point(self.implicit, t, X)
             self._ijac_shift = float(shift)
             if self.dense or self.jacobian == "blocks":
-                xr, out = self._graph(self.implicit, pt)
-                self.counters.jacobians += 1
-                if self.dense:
-                    jacobians.fill_dense(P, jacobians.dense_jacobian(xr, out), float(shift),
-                                         self.mass)
-                else:
-                    blocks = jacobians.block_jacobian(xr, out, self.batch, not self._blocks_checked)
-                    self._blocks_checked = True
-                    jacobians.fill_blocks(P, blocks, float(shift))
+                self._assemble(ts, t, pt, float(shift), P)
         except BaseException as exc:
             self.failed(exc, t, None)
+
+    def _assemble(self, ts, t: float, pt: _LinPoint, shift: float, P: PETSc.Mat) -> None:
+        """Fill ``P`` for this request: kept, refilled from the same point, or computed."""
+        asm = self.assembly
+        if asm.keeps(ts, t, shift):
+            return
+        jac = asm.same_point(pt)
+        if jac is None:
+            xr, out = self._graph(self.implicit, pt)
+            self.counters.jacobians += 1
+            jac = asm.compute(pt, xr, out)
+        asm.fill(P, jac, shift, self.mass)
 
     def ijacobian_p(self, ts, t, X, Xdot, shift, Jp):
         self._reset_shells("ijac_p")

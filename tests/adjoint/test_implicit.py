@@ -149,3 +149,23 @@ def test_block_jacobian_needs_batched_state():
     with pytest.raises(ValueError, match="batch"):
         pnode.odeint(lambda t, y: -y, torch.ones(3, dtype=torch.float64), T,
                      method="implicit_euler", options={"jacobian": "blocks"})
+
+
+@pytest.mark.parametrize("jac", ["dense", "blocks"])
+@pytest.mark.parametrize("method,points", [("implicit_euler", 0), ("trapezoid", 1)])
+def test_adjoint_assembles_each_points_jacobian_once(monkeypatch, jac, method, points):
+    """PETSc's theta adjoint asks twice per step (the Crank-Nicolson one at both ends); a
+    request at the point of the last one (the same time and state, bit for bit) reuses its
+    Jacobian and graph: one Jacobian per step (and the initial point for trapezoid)."""
+    from pnode.adjoint import jacobians
+
+    name = "dense_jacobian" if jac == "dense" else "block_jacobian"
+    real, calls = getattr(jacobians, name), []
+    monkeypatch.setattr(jacobians, name, lambda *a: calls.append(1) or real(*a))
+    func = TimeMLP().double()
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    ys = pnode.odeint(func, y0, T, method=method, options={"step_size": 0.1, "jacobian": jac})
+    steps, forward = pnode.last_stats().steps, len(calls)
+    assert forward == steps
+    torch.autograd.grad(ys.pow(2).sum(), [y0, *func.parameters()])
+    assert len(calls) - forward == steps + points
