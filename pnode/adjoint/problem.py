@@ -511,6 +511,7 @@ class TorchProblem(_CallbackErrors):
             return
         try:
             self.counters.rhs += 1
+            self.assembly.evals += 1
             views = self.views
             with torch.no_grad():
                 f = self._eval(self.implicit, t, views.read(X))
