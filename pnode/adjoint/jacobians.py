@@ -193,15 +193,25 @@ class Assembly:
             pt.graph = held[0].graph
         return held[1]
 
-    def compute(self, pt, xr: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The Jacobian (or its blocks) of the graph ``out = f(xr)`` at ``pt``; held."""
-        if self.dense:
-            jac = dense_jacobian(xr, out)
-        else:
-            jac = block_jacobian(xr, out, self.batch, not self.checked)
-            self.checked = True
-        self.held = (pt, jac)
-        return jac
+    def request(self, ts, t: float, pt, shift: float, P: PETSc.Mat, graph, mass=None) -> bool:
+        """Fill ``P`` for PETSc's request at ``pt``: kept, refilled or computed (``True``).
+
+        ``graph()`` gives the graph ``(xr, out)`` of ``out = f(xr)`` at ``pt``.
+        """
+        if self.keeps(ts, t, shift):
+            return False
+        jac = self.same_point(pt)
+        computed = jac is None
+        if computed:
+            xr, out = graph()
+            if self.dense:
+                jac = dense_jacobian(xr, out)
+            else:
+                jac = block_jacobian(xr, out, self.batch, not self.checked)
+                self.checked = True
+            self.held = (pt, jac)
+        self.fill(P, jac, shift, mass)
+        return computed
 
     def fill(self, P: PETSc.Mat, jac: torch.Tensor, shift: float, mass=None) -> None:
         """Assemble ``shift * M - jac`` into ``P``."""
