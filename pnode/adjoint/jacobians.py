@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from petsc4py import PETSc
 
-__all__ = ["Assembly", "dense_jacobian", "block_jacobian", "engine_grad", "fill_dense", "fill_blocks"]
+__all__ = ["Assembly", "DoubleVjp", "dense_jacobian", "block_jacobian", "engine_grad", "fill_dense",
+           "fill_blocks"]
 
 
 def engine_grad(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], v: torch.Tensor,
@@ -141,7 +142,9 @@ class Assembly:
       is replaced before it slows Newton down or makes it fail.  Newton still converges
       to its tolerances, and the adjoint, whose time step PETSc makes negative, always
       gets the exact Jacobian of each stage.  A new step attempt (other time, step size
-      or shift) computes a fresh one.
+      or shift) computes a fresh one.  The matrix-free operator follows the same rule
+      (it stays at its linearisation point), so dense and Krylov solves take the same
+      Newton iterations.
 
     Parameters
     ----------
@@ -219,3 +222,52 @@ class Assembly:
             fill_dense(P, jac, shift, mass)
         else:
             fill_blocks(P, jac, shift)
+
+
+class DoubleVjp:
+    """Jacobian-vector products ``J v`` at one linearisation point by two reverse passes.
+
+    ``g(u) = J^T u`` is built once per point, as a graph (a backward pass with
+    ``create_graph``); then ``J v`` is the gradient of ``g . v`` with respect to ``u``,
+    one small backward pass per product.  On small systems that is some 20x cheaper
+    than ``torch.func.jvp`` (whose functorch set-up costs ~0.5 ms a call): the
+    matrix-free Newton-Krylov products of small DAEs and stiff systems.  The product is
+    the same Jacobian-vector product (in the tests, bit for bit that of forward mode).
+    A ``func`` whose backward is not differentiable again (``once_differentiable``) makes
+    :meth:`product` answer ``None`` from then on: the caller then uses forward mode.
+    """
+
+    def __init__(self) -> None:
+        self.broken = False
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop the graph of ``g`` (the point it belongs to is gone)."""
+        self.point, self.u, self.g = None, None, None
+
+    def product(self, point, graph, v: torch.Tensor) -> torch.Tensor | None:
+        """``J v`` at ``point`` (``graph()`` gives its graph ``(xr, out)``), or ``None``."""
+        if self.broken:
+            return None
+        try:
+            if self.point is not point:
+                self._build(point, graph)
+            if self.g is None:  # f does not depend on y: J = 0
+                return torch.zeros_like(v)
+            (jv,) = engine_grad(self.g, (self.u,), v, True)
+        except RuntimeError:  # an op without a double backward
+            self.broken = True
+            self.reset()
+            return None
+        return torch.zeros_like(v) if jv is None else jv
+
+    def _build(self, point, graph) -> None:
+        self.reset()
+        xr, out = graph()
+        g = None
+        if out.requires_grad:
+            with torch.enable_grad():
+                u = torch.zeros_like(out, requires_grad=True)  # g is linear in u: any value
+                (g,) = torch.autograd.grad(out, xr, u, create_graph=True, allow_unused=True)
+            self.u = u
+        self.point, self.g = point, (g if g is not None and g.requires_grad else None)

@@ -9,9 +9,9 @@ matrices, so a stage costs one backward pass; see :mod:`.shells`).  For
 explicit Runge-Kutta methods the parameter gradient can be accumulated here,
 with PETSc's own stage weights, instead of in a PETSc vector
 (:class:`ParamGradient`): PETSc then makes two callbacks per
-adjoint stage instead of four.  Forward-mode products (Newton's ``J v``) use
-``torch.func.jvp``; small implicit systems get a dense Jacobian and a direct
-solve, which keeps the transposed adjoint solves exact.
+adjoint stage instead of four.  Forward-mode products (Newton's ``J v``) are two
+reverse passes (:class:`.jacobians.DoubleVjp`); small implicit systems get a dense
+Jacobian and a direct solve, which keeps the transposed adjoint solves exact.
 """
 
 from __future__ import annotations
@@ -266,6 +266,7 @@ class TorchProblem(_CallbackErrors):
         # the assembled implicit Jacobian (dense or blocks); the solver may turn on the
         # reuse across a forward step's stages (jacobians.Assembly)
         self.assembly = jacobians.Assembly(self.dense, self.batch, reuse_stages=False)
+        self._jvps = jacobians.DoubleVjp()  # matrix-free J v
         self.explicit = _Part(explicit, "func") if explicit is not None else None
         self.implicit = (
             _Part(implicit, "IMEX implicit func" if explicit is not None else "func")
@@ -338,6 +339,7 @@ class TorchProblem(_CallbackErrors):
             if part is not None:
                 part.point = part.last_point = None
         self.assembly.reset()
+        self._jvps.reset()
 
     # -- linearisation points and products ----------------------------------------------
     def _set_point(self, part: _Part, t: float, X: PETSc.Vec) -> _LinPoint:
@@ -429,15 +431,18 @@ class TorchProblem(_CallbackErrors):
         return self._flat_params(gps)
 
     def jvp(self, part: _Part, v: torch.Tensor) -> torch.Tensor:
-        pt = part.point
+        """``J v`` at the part's linearisation point (two reverse passes, else forward mode)."""
+        pt, v = part.point, v.to(self.spec.dtype)
+        self.counters.jvp += 1
+        tangent = self._jvps.product(pt, lambda: self._graph(part, pt), v)
+        if tangent is not None:
+            return tangent
         t = self._t(pt.t)
 
         def f(z):
             return self._flat(part.func(t, self._y(z)), part.name)
 
-        _, tangent = torch.func.jvp(f, (self._x(pt.x),), (v.to(self.spec.dtype),))
-        self.counters.jvp += 1
-        return tangent
+        return torch.func.jvp(f, (self._x(pt.x),), (v,))[1]
 
     # -- parameter gradient accumulated on the torch side (explicit RK) ------------------
     def accumulate_params(self, on: bool) -> None:
@@ -531,6 +536,7 @@ class TorchProblem(_CallbackErrors):
         if self.skip(None):
             return
         try:
+            prev = self.implicit.point
             pt = self._set_point(self.implicit, t, X)
             self._ijac_shift = float(shift)
             if self.dense or self.jacobian == "blocks":
@@ -538,6 +544,8 @@ class TorchProblem(_CallbackErrors):
                 if self.assembly.request(ts, t, pt, float(shift), P,
                                          lambda: self._graph(self.implicit, pt), self.mass):
                     self.counters.jacobians += 1
+            elif self.assembly.keeps(ts, t, float(shift)) and prev is not None:
+                self.implicit.point = prev  # matrix-free: the operator stays where it was
         except BaseException as exc:
             self.failed(exc, t, None)
 
