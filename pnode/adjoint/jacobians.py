@@ -249,17 +249,19 @@ class DoubleVjp:
         """``J v`` at ``point`` (``graph()`` gives its graph ``(xr, out)``), or ``None``."""
         if self.broken:
             return None
+        jv = None
         try:
             if self.point is not point:
                 self._build(point, graph)
             if self.g is None:  # f does not depend on y: J = 0
                 return torch.zeros_like(v)
             (jv,) = engine_grad(self.g, (self.u,), v, True)
-        except RuntimeError:  # an op without a double backward
+        except RuntimeError:  # e.g. an op whose backward is once_differentiable
+            pass
+        if jv is None:  # a backward that is not differentiable in its seed: forward mode
             self.broken = True
             self.reset()
-            return None
-        return torch.zeros_like(v) if jv is None else jv
+        return jv
 
     def _build(self, point, graph) -> None:
         self.reset()
@@ -269,5 +271,7 @@ class DoubleVjp:
             with torch.enable_grad():
                 u = torch.zeros_like(out, requires_grad=True)  # g is linear in u: any value
                 (g,) = torch.autograd.grad(out, xr, u, create_graph=True, allow_unused=True)
+            if g is not None and not g.requires_grad:
+                raise RuntimeError("the backward of func is not differentiable")
             self.u = u
-        self.point, self.g = point, (g if g is not None and g.requires_grad else None)
+        self.point, self.g = point, g

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 import pnode
 from pnode.adjoint.reference import finite_difference_errors, gradient_errors
@@ -183,3 +184,60 @@ def test_forward_newton_passes_the_jacobian_from_stage_to_stage():
                         options={"step_size": 0.05, "jacobian_lag": 1})
     assert pnode.last_stats().jacobians == pnode.last_stats().newton_iters
     assert rel_err(ys, full) < 1e-10
+
+
+class _Cube(torch.autograd.Function):
+    """x^3 with a backward that cannot be differentiated again (and a forward-mode rule)."""
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * t
+
+
+def test_matrix_free_products_equal_forward_mode():
+    """J v by two reverse passes (DoubleVjp) is forward mode's J v; a func whose backward
+    is once_differentiable falls back to forward mode; one that ignores y gives zeros."""
+    from pnode.adjoint.jacobians import DoubleVjp
+
+    func, t = TimeMLP().double(), torch.tensor(0.3, dtype=torch.float64)
+    x, v = torch.randn(2, 3, 3, dtype=torch.float64)
+    xr = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        graph = (xr, func(t, xr))
+    jv = DoubleVjp().product("point", lambda: graph, v)
+    assert torch.equal(jv, torch.func.jvp(lambda z: func(t, z), (x,), (v,))[1])
+    with torch.enable_grad():
+        cube = (xr, _Cube.apply(xr))
+    assert DoubleVjp().product("point", lambda: cube, v) is None
+    const = (xr, torch.ones_like(x))
+    assert torch.equal(DoubleVjp().product("point", lambda: const, v), torch.zeros_like(v))
+
+
+def test_matrix_free_newton_with_a_once_differentiable_func():
+    def func(t, y):
+        return -_Cube.apply(y) - y
+
+    y0 = torch.tensor([0.8, -0.4], dtype=torch.float64, requires_grad=True)
+    out = {}
+    for jac in ("dense", "matfree"):
+        ys = pnode.odeint(func, y0, T, method="implicit_euler",
+                          options={"step_size": 0.1, "jacobian": jac})
+        out[jac] = (ys, *torch.autograd.grad(ys.sum(), [y0]))
+    for a, b in zip(out["dense"], out["matfree"], strict=True):
+        assert rel_err(a, b) < 1e-9
