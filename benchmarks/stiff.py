@@ -4,9 +4,10 @@ Run alone: ``python -m benchmarks.stiff [--quick]``.
 
 For Robertson kinetics on [0, 100] and Van der Pol (mu = 1000) the loss is a
 weighted sum of the states at the output times.  pnode's time is one solve plus
-its gradient (median of repeats after a warm-up); scipy's is a forward-only
-``solve_ivp(method="Radau")`` with a hand-written Jacobian at the same
-tolerances; the reference gradient comes from forward sensitivity equations
+its gradient, scipy's a forward-only ``solve_ivp(method="Radau")`` with a
+hand-written Jacobian at the same tolerances: CPU time of this process, medians
+of round-robin repeats after a warm-up (so load on a shared machine, including
+the torchdiffeq children, hits both alike); the reference gradient comes from forward sensitivity equations
 (:mod:`benchmarks.sensitivities`, Radau at rtol 1e-12).  torchdiffeq's
 ``odeint_adjoint`` with dopri5 runs in a child process under a hard timeout.
 """
@@ -27,8 +28,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 import pnode
-from benchmarks.common import md_table
-from benchmarks.engine import median_time
+from benchmarks.common import interleaved_medians, md_table
 from benchmarks.sensitivities import StiffSystem, reference_gradient, robertson, van_der_pol
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +124,7 @@ def run(quick: bool = False, timeout: float | None = None) -> list[dict]:
     """Time and gradient error of pnode, scipy Radau (forward) and torchdiffeq on both cases."""
     torch.set_num_threads(1)
     timeout = timeout if timeout is not None else (20.0 if quick else 60.0)
-    repeats = 1 if quick else 2
+    repeats = 1 if quick else 5
     plans = [(ROBER, 1e-6, 1e-10, ("kencarp4",) if quick else ("kencarp4", "trapezoid")),
              (VDP, 1e-6, 1e-8, ("kencarp4",))]
     # torchdiffeq children start now and run alongside the first timings; they are given the
@@ -147,12 +147,15 @@ def run(quick: bool = False, timeout: float | None = None) -> list[dict]:
             if not sol.success:
                 raise RuntimeError(sol.message)
 
-        radau()  # warm-up
-        t_radau = median_time(radau, repeats)
+        fns = {"radau": radau}
+        for method in methods:
+            fns[method] = (lambda case=case, method=method, rtol=rtol, atol=atol:
+                           _pnode_gradient(case, method, rtol, atol))
+        med = interleaved_medians(fns, repeats, clock=time.process_time)
+        t_radau = med["radau"]
         for method in methods:
             g, stats = _pnode_gradient(case, method, rtol, atol)
-            t_pnode = median_time(lambda case=case, method=method, rtol=rtol, atol=atol:
-                              _pnode_gradient(case, method, rtol, atol), repeats)
+            t_pnode = med[method]
             e0, ep = _errors(g, ref, n)
             rows.append({"case": case.name, "solver": f"pnode {method}", "rtol": rtol, "seconds": t_pnode,
                          "radau_seconds": t_radau, "ratio_to_radau": t_pnode / t_radau, "err_y0": e0,
@@ -196,8 +199,9 @@ def tables(rows: list[dict]) -> str:
         "Loss: weighted sum of the states at the output times (ROBER t = 1, 10, 100; Van der Pol "
         "t = 0.25, 0.5, 0.75); gradient with respect to y0 and the log-parameters. Errors are relative "
         "2-norms against forward sensitivities (scipy Radau, rtol 1e-12). 'x Radau' = time / Radau "
-        "forward-only time at the same rtol/atol (Radau given the analytic Jacobian). torchdiffeq runs "
-        "in a child process with a hard timeout, concurrently with the pnode timings.",
+        "forward-only time at the same rtol/atol (Radau given the analytic Jacobian); seconds are CPU "
+        "time, medians of round-robin repeats. torchdiffeq runs in a child process with a hard "
+        "timeout, concurrently with the pnode timings.",
         md_table(["problem", "solver", "rtol", "seconds", "x Radau", "y0 grad err", "param grad err",
                   "steps", "status"], body),
         line,

@@ -131,6 +131,9 @@ class TSObjects:
             return
         self.f_imp = self._vec(n)
         ts.setIFunction(problem.ifunction, self.f_imp)
+        # modified Newton (a lag above 1) also across the stage solves of one step, while
+        # they converge quickly (jacobians.Assembly)
+        problem.assembly.reuse_stages = self.opts.jacobian_lag > 1
         if problem.dense:
             self.J_imp = self._mat(PETSc.Mat().createDense((n, n), comm=self.comm))
         elif problem.jacobian == "blocks":

@@ -435,8 +435,10 @@ def odeint(
         ``theta``/``endpoint`` (method ``"theta"``), ``ksp_rtol``
         (matrix-free linear solves, default 1e-12), ``snes_rtol`` (default 1e-10),
         ``jacobian_lag`` (forward Newton recomputes the Jacobian every that many
-        iterations of a stage solve; default 100, i.e. once per stage; the adjoint
-        always uses exact stage Jacobians).  torchdiffeq's options (``min_step``,
+        iterations of a stage solve; default 100, i.e. at most once per stage, and
+        above 1 a step's stage solves pass it on while each converges in at most
+        four iterations; 1: full Newton; the adjoint always uses exact stage
+        Jacobians).  torchdiffeq's options (``min_step``,
         ``max_step``, ``safety``, ``ifactor``, ``dfactor``, ``jump_t``, ``step_t``,
         ``grid_constructor``, ``max_iters``, ...) map onto PETSc as the migration
         guide's table says.

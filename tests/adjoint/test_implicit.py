@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 import pnode
 from pnode.adjoint.reference import finite_difference_errors, gradient_errors
@@ -149,3 +150,94 @@ def test_block_jacobian_needs_batched_state():
     with pytest.raises(ValueError, match="batch"):
         pnode.odeint(lambda t, y: -y, torch.ones(3, dtype=torch.float64), T,
                      method="implicit_euler", options={"jacobian": "blocks"})
+
+
+@pytest.mark.parametrize("jac", ["dense", "blocks"])
+@pytest.mark.parametrize("method,points", [("implicit_euler", 0), ("trapezoid", 1)])
+def test_adjoint_assembles_each_points_jacobian_once(monkeypatch, jac, method, points):
+    """PETSc's theta adjoint asks twice per step (the Crank-Nicolson one at both ends); a
+    request at the point of the last one (the same time and state, bit for bit) reuses its
+    Jacobian and graph: one Jacobian per step (and the initial point for trapezoid)."""
+    from pnode.adjoint import jacobians
+
+    name = "dense_jacobian" if jac == "dense" else "block_jacobian"
+    real, calls = getattr(jacobians, name), []
+    monkeypatch.setattr(jacobians, name, lambda *a: calls.append(1) or real(*a))
+    func = TimeMLP().double()
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    ys = pnode.odeint(func, y0, T, method=method, options={"step_size": 0.1, "jacobian": jac})
+    steps, forward = pnode.last_stats().steps, len(calls)
+    assert forward == steps
+    torch.autograd.grad(ys.pow(2).sum(), [y0, *func.parameters()])
+    assert len(calls) - forward == steps + points
+
+
+def test_forward_newton_passes_the_jacobian_from_stage_to_stage():
+    """With a Jacobian lag (default 100) one step's stage solves share a Jacobian while
+    they converge quickly; lag 1 is full Newton.  Both solve the same stage equations."""
+    func = Damped()
+    y0 = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    ys = pnode.odeint(func, y0, T, method="kencarp4", options={"step_size": 0.05})
+    st = pnode.last_stats()
+    assert st.jacobians == st.steps  # five implicit stages per step, one Jacobian
+    full = pnode.odeint(func, y0, T, method="kencarp4",
+                        options={"step_size": 0.05, "jacobian_lag": 1})
+    assert pnode.last_stats().jacobians == pnode.last_stats().newton_iters
+    assert rel_err(ys, full) < 1e-10
+
+
+class _Cube(torch.autograd.Function):
+    """x^3 with a backward that cannot be differentiated again (and a forward-mode rule)."""
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * t
+
+
+def test_matrix_free_products_equal_forward_mode():
+    """J v by two reverse passes (DoubleVjp) is forward mode's J v; a func whose backward
+    is once_differentiable falls back to forward mode; one that ignores y gives zeros."""
+    from pnode.adjoint.jacobians import DoubleVjp
+
+    func, t = TimeMLP().double(), torch.tensor(0.3, dtype=torch.float64)
+    x, v = torch.randn(2, 3, 3, dtype=torch.float64)
+    xr = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        graph = (xr, func(t, xr))
+    jv = DoubleVjp().product("point", lambda: graph, v)
+    assert torch.equal(jv, torch.func.jvp(lambda z: func(t, z), (x,), (v,))[1])
+    with torch.enable_grad():
+        cube = (xr, _Cube.apply(xr))
+    assert DoubleVjp().product("point", lambda: cube, v) is None
+    const = (xr, torch.ones_like(x))
+    assert torch.equal(DoubleVjp().product("point", lambda: const, v), torch.zeros_like(v))
+
+
+def test_matrix_free_newton_with_a_once_differentiable_func():
+    def func(t, y):
+        return -_Cube.apply(y) - y
+
+    y0 = torch.tensor([0.8, -0.4], dtype=torch.float64, requires_grad=True)
+    out = {}
+    for jac in ("dense", "matfree"):
+        ys = pnode.odeint(func, y0, T, method="implicit_euler",
+                          options={"step_size": 0.1, "jacobian": jac})
+        out[jac] = (ys, *torch.autograd.grad(ys.sum(), [y0]))
+    for a, b in zip(out["dense"], out["matfree"], strict=True):
+        assert rel_err(a, b) < 1e-9

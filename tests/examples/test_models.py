@@ -12,6 +12,7 @@ from pnode.models import (
     BurgersAdvection,
     Diffusion,
     ODEClassifier,
+    Robertson,
     StencilClosure,
     random_fourier_fields,
 )
@@ -128,3 +129,20 @@ def test_pde_operators():
     # translation invariance of the learned stencil
     torch.nn.init.normal_(closure.mix.weight)
     assert torch.allclose(closure(None, torch.roll(v, 5, -1)), torch.roll(closure(None, v), 5, -1))
+
+
+def test_robertson_is_the_written_out_kinetics_bit_for_bit():
+    """The lean Robertson (index picks and one stoichiometry product) computes exactly
+    -k1 y1 + k3 y2 y3, k1 y1 - k2 y2^2 - k3 y2 y3, k2 y2^2, with any batch dimensions."""
+    model = Robertson()
+    k1, k2, k3 = torch.exp(model.log_k)
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([1.0, 1e-4, 1.0], dtype=torch.float64)
+    for shape in [(3,), (5, 3), (2, 4, 3), (0, 3)]:
+        y = torch.rand(*shape, generator=g, dtype=torch.float64) * scale
+        y1, y2, y3 = y[..., 0], y[..., 1], y[..., 2]
+        want = torch.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k2 * y2 * y2 - k3 * y2 * y3,
+                            k2 * y2 * y2], dim=-1)
+        assert torch.equal(model(torch.tensor(0.0), y), want), shape
+    assert list(model.state_dict()) == ["log_k"]
+    assert model.float()(torch.tensor(0.0), torch.rand(4, 3)).dtype == torch.float32
