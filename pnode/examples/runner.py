@@ -337,8 +337,11 @@ def _resolve(cls: type[Example], ns: argparse.Namespace,
         else:
             cfg[name] = o.value(quick)
     for name in ("iters", "checkpoint_every", "threads"):
-        if cfg[name] < (0 if name == "checkpoint_every" else 1):
-            raise ExampleError(f"Invalid --{name.replace('_', '-')} {cfg[name]}: must be positive")
+        # a count that cannot describe a run is a usage error (exit status 2), as --lr nan is
+        least = 0 if name == "checkpoint_every" else 1
+        if cfg[name] < least:
+            need = "must be positive" if least else "must be 0 (off) or positive"
+            raise UsageError(f"Invalid --{name.replace('_', '-')} {cfg[name]}: {need}")
     for name, o in _all_options(cls).items():
         v = cfg[name]
         if o.type is float and isinstance(v, float) and not math.isfinite(v):

@@ -41,8 +41,13 @@ def test_bad_choice_and_value(capsys, out):
     with pytest.raises(SystemExit):
         run_cli("cnf2d", "--dataset", "spirals", "--out", str(out))
     assert "moons" in capsys.readouterr().err
-    assert run_cli("spiral", "--iters", "0", "--out", str(out)) == 1
-    assert "Invalid --iters 0" in capsys.readouterr().err
+    # a count that cannot describe a run is a usage error: status 2, as argparse's own
+    assert run_cli("spiral", "--iters", "0", "--out", str(out)) == 2
+    assert "Invalid --iters 0: must be positive" in capsys.readouterr().err
+    assert run_cli("spiral", "--threads", "0", "--out", str(out)) == 2
+    assert run_cli("spiral", "--checkpoint-every", "-1", "--out", str(out)) == 2
+    assert "Invalid --checkpoint-every -1: must be 0 (off) or positive" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_example_help(capsys):
