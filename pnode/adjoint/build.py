@@ -109,7 +109,7 @@ class TSObjects:
             if n_p and self.method.ts_type == "rk":
                 # explicit RK: the problem accumulates the parameter gradient with PETSc's
                 # stage weights (bit for bit), so PETSc makes two callbacks per adjoint
-                # stage instead of four (see problem.ParamGradient)
+                # stage instead of four (see param_gradient.ParamGradient)
                 problem.accumulate_params(True)
             elif n_p:
                 self.Jp_rhs = self._shell(n, n_p, "rhs_p")

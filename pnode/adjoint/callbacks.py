@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .problem import vec_view
 from .state import StateSpec
+from .vecs import vec_view
 
 __all__ = ["StepCallbacks", "AdjointCallbacks"]
 

@@ -41,7 +41,7 @@ import torch
 from petsc4py import PETSc
 
 from ..errors import Reason
-from .problem import VECSUM_MAX, vec_view
+from .vecs import VECSUM_MAX, vec_view
 
 if TYPE_CHECKING:
     from .solver import TSSolver

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from ..errors import SolverError
-from .problem import vec_view
 from .state import StateSpec
+from .vecs import vec_view
 
 __all__ = ["odeint_until_event", "odeint_event"]
 

@@ -17,8 +17,8 @@ from petsc4py import PETSc
 
 from . import failures
 from .initial_step import initial_step
-from .problem import vec_view
 from .stats import SolveStats
+from .vecs import vec_view
 
 if TYPE_CHECKING:
     from .solver import TSSolver

@@ -255,7 +255,9 @@ class DoubleVjp:
                 self._build(point, graph)
             if self.g is None:  # f does not depend on y: J = 0
                 return torch.zeros_like(v)
-            (jv,) = engine_grad(self.g, (self.u,), v, True)
+            # the graph may be in the state's shape (the explicit part's) while v is flat
+            (jv,) = engine_grad(self.g, (self.u,), v.view(self.g.shape), True)
+            jv = jv.reshape(v.shape) if jv is not None else None
         except RuntimeError:  # e.g. an op whose backward is once_differentiable
             pass
         if jv is None:  # a backward that is not differentiable in its seed: forward mode

@@ -1,17 +1,17 @@
 """The torch <-> PETSc boundary: the callbacks PETSc calls during TSSolve/TSAdjointSolve.
 
-This is the only module that reads or writes PETSc ``Vec`` memory from torch.
-Vectors are viewed zero-copy through DLPack, one view per Vec, made once and
-reused (:class:`VecViews`).  Jacobians are never formed for explicit methods:
-PETSc's ``MatMultTranspose`` on the state and parameter Jacobians is answered
-by one torch vector-Jacobian product at the linearisation point (shared by both
-matrices, so a stage costs one backward pass; see :mod:`.shells`).  For
-explicit Runge-Kutta methods the parameter gradient can be accumulated here,
-with PETSc's own stage weights, instead of in a PETSc vector
-(:class:`ParamGradient`): PETSc then makes two callbacks per
-adjoint stage instead of four.  Forward-mode products (Newton's ``J v``) are two
-reverse passes (:class:`.jacobians.DoubleVjp`); small implicit systems get a dense
-Jacobian and a direct solve, which keeps the transposed adjoint solves exact.
+The callbacks read and write PETSc ``Vec`` memory through zero-copy DLPack views
+made once per Vec (:class:`.vecs.VecViews`).  Jacobians are never formed for
+explicit methods: PETSc's ``MatMultTranspose`` on the state and parameter
+Jacobians is answered by one torch vector-Jacobian product at the linearisation
+point (shared by both matrices, so a stage costs one backward pass; see
+:mod:`.shells`).  For explicit Runge-Kutta methods the parameter gradient can be
+accumulated on the torch side, with PETSc's own stage weights, instead of in a
+PETSc vector (:class:`.param_gradient.ParamGradient`): PETSc then makes two
+callbacks per adjoint stage instead of four.  Forward-mode products (Newton's
+``J v``) are two reverse passes (:class:`.jacobians.DoubleVjp`); small implicit
+systems get a dense Jacobian and a direct solve, which keeps the transposed
+adjoint solves exact.
 """
 
 from __future__ import annotations
@@ -26,56 +26,12 @@ from petsc4py import PETSc
 from . import jacobians, observers
 from .graphs import GraphStore, graph_bytes
 from .jacobians import engine_grad as _engine_grad
+from .param_gradient import ParamGradient
 from .shells import ShellContext
 from .state import StateSpec
+from .vecs import VECSUM_MAX, VecViews, all_finite, vec_key
 
-__all__ = ["ParamGradient", "TorchProblem", "VecViews", "vec_view"]
-
-
-def vec_view(vec: PETSc.Vec, mode: str = "r") -> torch.Tensor:
-    """A torch view of a PETSc Vec's local memory (no copy)."""
-    return torch.from_dlpack(vec.toDLPack(mode))
-
-
-class VecViews:
-    """Torch views of PETSc Vecs, made once per Vec and reused by every later callback.
-
-    A host Vec's array does not move (PETSc's TS, SNES and KSP work vectors are
-    never given other arrays), so one DLPack view serves for the Vec's life; a
-    DLPack view holds a PETSc reference to its Vec, so the handle cannot be reused by
-    another Vec while the view is cached.  Writes through a view bump the Vec's PETSc
-    state (:meth:`write`), as a write access would: PETSc keys cached norms and
-    reuse checks on it.  :meth:`clear` drops the views and references (the solver does,
-    before destroying its PETSc objects: a collective Vec may only be destroyed
-    collectively, not whenever the garbage collector frees a view).  A Vec PETSc
-    gives up stays referenced until then; a bounded cache keeps that from growing.
-    """
-
-    MAX_VIEWS = 256
-
-    __slots__ = ("_by_handle",)
-
-    def __init__(self) -> None:
-        self._by_handle: dict[int, torch.Tensor] = {}
-
-    def read(self, vec: PETSc.Vec) -> torch.Tensor:
-        """The view of ``vec`` (not to be written)."""
-        hit = self._by_handle.get(vec.handle)
-        if hit is None:
-            if len(self._by_handle) >= self.MAX_VIEWS:
-                self._by_handle.clear()
-            # read access: Vecs PETSc passes as inputs are locked against write access
-            hit = self._by_handle[vec.handle] = torch.from_dlpack(vec.toDLPack("r"))
-        return hit
-
-    def write(self, vec: PETSc.Vec) -> torch.Tensor:
-        """The view of ``vec``, for writing its whole contents."""
-        view = self.read(vec)
-        vec.stateIncrease()
-        return view
-
-    def clear(self) -> None:
-        self._by_handle.clear()
+__all__ = ["TorchProblem"]
 
 
 @dataclass
@@ -89,18 +45,6 @@ class Counters:
     graph_hits: int = 0
 
 
-def _vec_key(vec: PETSc.Vec) -> tuple[int, int]:
-    """Identity of a Vec's current contents: PETSc bumps the state on every write access."""
-    return vec.handle, vec.stateGet()
-
-
-def _all_finite(flat: torch.Tensor) -> bool:
-    # One reduction instead of an elementwise isfinite pass (5x cheaper on the hot path);
-    # a non-finite sum is re-checked element by element (finite values can overflow it).
-    flat = flat.detach()
-    return math.isfinite(float(flat.sum())) or bool(torch.isfinite(flat).all())
-
-
 def _grad_on() -> bool:
     """Switch grad mode on (as ``torch.enable_grad()``, without a context manager object per
     stage); returns the previous mode for :func:`_set_grad`."""
@@ -111,10 +55,6 @@ def _grad_on() -> bool:
 
 
 _set_grad = torch._C._set_grad_enabled
-
-
-#: largest state whose finiteness checks use PETSc's VecSum rather than a torch reduction
-VECSUM_MAX = 2048
 
 
 class _LinPoint:
@@ -145,129 +85,6 @@ class _Part:
     name: str
     point: _LinPoint | None = None
     last_point: _LinPoint | None = field(default=None, repr=False)
-
-
-class ParamGradient:
-    """The parameter gradient of explicit RK adjoint sweeps, accumulated on the torch side.
-
-    PETSc's RK adjoint adds, per stage, its parameter product scaled by ``-h b_i``
-    (``-h`` where ``b_i = 0``) to the parameter cost gradient.  With that scale known
-    (the solver's ``stage_weight``), the same two floating-point operations (scale,
-    then add) are done here, bit for bit, on the product that the state product's
-    backward pass yields anyway; the solver then leaves the parameter gradient out
-    of PETSc, which saves a JacobianP and a parameter-product callback per stage.
-    The sum lives in one flat float64 buffer (kept across sweeps), seen per
-    parameter through views.
-
-    Float64 products of consecutive stages are batched (up to :data:`BATCH` stages,
-    :data:`PENDING_ENTRIES` entries): stacked, scaled by their weights in one
-    product, and added in stage order by one cumulative sum (a sequential sum along
-    the stages: each entry sees the same additions, in the same order, as stage by
-    stage).  A few operators per batch instead of several per stage.
-    """
-
-    BATCH = 16
-    PENDING_ENTRIES = 2**14  # at most this many held entries (stages x parameters): past
-    # that, batches run out of cache and cost more than they save (an MLP 32-128-32: 1.1x)
-
-    def __init__(self) -> None:
-        self._flat: torch.Tensor | None = None
-        self._views: list[torch.Tensor] = []
-        self._fast = False  # every parameter float64: no conversion before adding
-        self._pending: list[Sequence[torch.Tensor]] = []  # products not added yet
-        self._weights: list[float] = []
-        self._batch = 1
-
-    def reset(self) -> None:
-        """Start from zero (each adjoint)."""
-        self._pending.clear()
-        self._weights.clear()
-        if self._flat is not None:
-            self._flat.zero_()
-
-    def _allocate(self, params: Sequence[torch.Tensor]) -> None:
-        self._flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
-        sizes = [p.numel() for p in params]
-        self._views = [v.view(p.shape) for v, p in zip(self._flat.split(sizes), params, strict=True)]
-        self._fast = all(p.dtype == torch.float64 for p in params)
-        self._batch = max(1, min(self.BATCH, self.PENDING_ENTRIES // max(1, self._flat.numel())))
-
-    def add(self, grads: Sequence[torch.Tensor | None], weight: float | None,
-            params: Sequence[torch.Tensor], cotangent: torch.Tensor | None = None) -> None:
-        """Add ``weight * grads`` (per-parameter gradients, ``None``: unused).
-
-        ``cotangent``: the vector of the product (PETSc's work vector, overwritten
-        later); a product held for a batch must not share its memory.
-        """
-        if weight is None:
-            raise AssertionError("internal: an RK adjoint stage whose weight is unknown")
-        if self._flat is None or len(self._views) != len(grads):
-            self._flush()
-            self._allocate(params)
-        # (identity tests: `None in grads` would call Tensor.__eq__, tens of microseconds)
-        if self._fast and self._batch > 1 and all(g is not None for g in grads):
-            if cotangent is not None and not _shares(grads, cotangent):
-                self._pending.append(grads)
-                self._weights.append(weight)
-                if len(self._pending) >= self._batch:
-                    self._flush()
-                return
-            self._flush()
-            self._add_one(grads, weight)
-            return
-        self._flush()
-        acc, used = self._views, grads
-        if not self._fast or any(g is None for g in grads):
-            pairs = [(a, g.to(torch.float64)) for a, g in zip(acc, grads, strict=True) if g is not None]
-            acc, used = [a for a, _ in pairs], [g for _, g in pairs]
-        if acc:
-            # two rounding steps, as PETSc's VecScale then VecAXPY(1): bit for bit the same
-            torch._foreach_add_(acc, torch._foreach_mul(used, weight))
-
-    def _add_one(self, grads: Sequence[torch.Tensor], weight: float) -> None:
-        # one flat product and one flat sum; elementwise, so each entry is rounded as below
-        if len(grads) > 1:
-            scaled = torch.cat([g.reshape(-1) for g in grads]).mul_(weight)
-        else:
-            scaled = grads[0].reshape(-1) * weight
-        self._flat.add_(scaled)
-
-    def _flush(self) -> None:
-        """Add the held products: ``acc + w_1 g_1 + w_2 g_2 + ...``, left to right."""
-        pending, k = self._pending, len(self._pending)
-        if not k:
-            return
-        if k == 1:  # (a short sweep, or a check between segments)
-            self._add_one(pending[0], self._weights[0])
-            pending.clear()
-            self._weights.clear()
-            return
-        cols = [torch.stack([g[j] for g in pending]).view(k, -1) for j in range(len(self._views))]
-        scaled = (torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]).mul_(
-            torch.tensor(self._weights, dtype=torch.float64).view(k, 1))
-        rows = torch.cat([self._flat.view(1, -1), scaled])
-        self._flat.copy_(rows.cumsum(0)[-1])
-        pending.clear()
-        self._weights.clear()
-
-    def finite(self) -> bool:
-        """Whether every accumulated entry is finite."""
-        self._flush()
-        flat = self._flat
-        return flat is None or math.isfinite(float(flat.sum())) or bool(torch.isfinite(flat).all())
-
-    def value(self, n_params: int) -> torch.Tensor:
-        """The accumulated gradient, flat float64 (zeros if nothing was added)."""
-        self._flush()
-        if self._flat is None:
-            return torch.zeros(n_params, dtype=torch.float64)
-        return self._flat.clone()
-
-
-def _shares(grads: Sequence[torch.Tensor], v: torch.Tensor) -> bool:
-    """Whether a gradient is (a view of) ``v``: autograd passes an incoming gradient on as it is."""
-    ptr = v.untyped_storage().data_ptr()
-    return any(g.untyped_storage().data_ptr() == ptr for g in grads)
 
 
 class _CallbackErrors:
@@ -368,12 +185,16 @@ class TorchProblem(_CallbackErrors):
         # mass matrix of M y' = f (pnode.adjoint.dae.Mass; None: the identity), bound per call
         self.mass = None
         self.xdot: torch.Tensor | None = None  # y' of the last IJacobianP (trainable mass)
-        self.views = VecViews()
         # the parameter gradient of an explicit RK adjoint, accumulated here (None: by PETSc)
         self.param_grad: ParamGradient | None = None
         # fast paths: a single state tensor in float64, and the time of the last evaluation
         self._shape = None if spec.is_tuple else spec.shapes[0]
         self._flat1 = self._shape is not None and len(self._shape) == 1  # a 1-D state
+        # A single state tensor that is not 1-D: the explicit part's evaluations take and
+        # give tensors in its shape (views of PETSc's Vecs, made once), so no view or
+        # reshape runs per stage, nor a node for one in each kept graph's backward pass.
+        self._shaped = self._shape is not None and not self._flat1
+        self.views = VecViews(self._shape if self._shaped else None)
         self._is64 = spec.dtype == torch.float64
         self._t_value: float | None = None
         self._t_tensor: torch.Tensor | None = None
@@ -391,11 +212,14 @@ class TorchProblem(_CallbackErrors):
     def _x(self, flat64: torch.Tensor) -> torch.Tensor:
         return flat64 if self._is64 else flat64.to(self.spec.dtype)
 
-    def _y(self, flat: torch.Tensor):
-        """The state in the user's structure: views of a flat tensor of the state's dtype."""
-        if self._flat1:  # already in shape: no view (in a kept graph, no backward node)
-            return flat
-        return flat.view(self._shape) if self._shape is not None else self.spec.unflatten(flat)
+    def _y(self, x: torch.Tensor):
+        """The state in the user's structure, from a flat tensor of the state's dtype.
+
+        A tensor already in a shaped state's shape (never 1-D) is passed as it is.
+        """
+        if self._flat1 or x.dim() != 1:  # already in shape: no view, no backward node
+            return x
+        return x.view(self._shape) if self._shape is not None else self.spec.unflatten(x)
 
     def _flat(self, out: object, name: str) -> torch.Tensor:
         """func's output checked against the state and flattened (fast path: one tensor)."""
@@ -404,18 +228,36 @@ class TorchProblem(_CallbackErrors):
             return out if self._flat1 else out.reshape(-1)
         return self.spec.check_output(out, name)
 
+    def _shaped_out(self, out: object, name: str) -> torch.Tensor:
+        """func's output checked against the state, in a shaped state's shape (else flat)."""
+        if not self._shaped:
+            return self._flat(out, name)
+        if (type(out) is torch.Tensor and out.shape == self._shape
+                and out.dtype == self.spec.dtype):
+            return out
+        return self.spec.check_output(out, name).reshape(self._shape)
+
     def _value(self, part: _Part, t: float, x: torch.Tensor) -> torch.Tensor:
         """func at ``(t, x)``, checked against the state and flattened (not for finiteness)."""
         return self._flat(part.func(self._t(t), self._y(self._x(x))), part.name)
 
+    def _explicit_view(self, vec: PETSc.Vec) -> torch.Tensor:
+        """A Vec as the explicit part's evaluations take it: in a shaped state's shape, else flat."""
+        return self.views.state(vec) if self._shaped else self.views.read(vec)
+
+    def _explicit_value(self, t: float, x: torch.Tensor) -> torch.Tensor:
+        """The explicit part at ``(t, x)``, checked, in the layout of :meth:`_shaped_out`."""
+        return self._shaped_out(self.explicit.func(self._t(t), self._y(self._x(x))),
+                                self.explicit.name)
+
     def _eval(self, part: _Part, t: float, x: torch.Tensor) -> torch.Tensor:
         flat = self._value(part, t, x)
-        if not _all_finite(flat):
+        if not all_finite(flat):
             raise FloatingPointError(f"{part.name} returned NaN or Inf at t={t:.6g}")
         return flat
 
     def _write_checked(self, part: _Part, t: float, out: torch.Tensor, F: PETSc.Vec) -> None:
-        """Write func's output into ``F``, raising ``FloatingPointError`` if it is NaN/Inf.
+        """Write func's output (:meth:`_shaped_out`) into ``F``; ``FloatingPointError`` if NaN/Inf.
 
         Small serial solves check ``F`` by one VecSum (no torch operator; PETSc's sum is
         a scalar loop, so large states use torch's); a collective one checks the local
@@ -424,15 +266,16 @@ class TorchProblem(_CallbackErrors):
         overflow it).
         """
         by_vecsum = not self.collective and self.n <= VECSUM_MAX
+        write = self.views.write_state if self._shaped else self.views.write
         if by_vecsum:
-            self.views.write(F).copy_(out.detach() if torch.is_grad_enabled() else out)
+            write(F).copy_(out.detach() if torch.is_grad_enabled() else out)
             ok = math.isfinite(F.sum()) or bool(torch.isfinite(out.detach()).all())
         else:
-            ok = _all_finite(out)
+            ok = all_finite(out)
         if not ok:
             raise FloatingPointError(f"{part.name} returned NaN or Inf at t={t:.6g}")
         if not by_vecsum:
-            self.views.write(F).copy_(out.detach() if torch.is_grad_enabled() else out)
+            write(F).copy_(out.detach() if torch.is_grad_enabled() else out)
 
     # -- call lifetime --------------------------------------------------------------------
     def keep_graphs(self, on: bool, memory_mib: float | None = None) -> None:
@@ -454,13 +297,14 @@ class TorchProblem(_CallbackErrors):
 
     # -- linearisation points and products ----------------------------------------------
     def _set_point(self, part: _Part, t: float, X: PETSc.Vec) -> _LinPoint:
-        key = (t, *_vec_key(X))
+        key = (t, *vec_key(X))
         last = part.last_point
         # J and Jp are requested at the same (t, Y) for each stage: share one graph.
         if last is not None and last.key == key:
             part.point = last
             return last
-        x = self.views.read(X)
+        # the explicit part's points (and kept graphs) are in its layout (_explicit_view)
+        x = self._explicit_view(X) if part is self.explicit else self.views.read(X)
         hit = self.graphs.pop(x) if self.graphs is not None else None
         if hit is not None:  # the forward evaluated f here: reuse its graph (and its time)
             pt = _LinPoint(hit[0], hit[1], key)
@@ -472,12 +316,17 @@ class TorchProblem(_CallbackErrors):
         return pt
 
     def _graph(self, part: _Part, pt: _LinPoint):
+        """The graph ``(xr, out)`` of func at the point, in the layout of the point's state
+        (the explicit part's: :meth:`_explicit_view`; the implicit part's: flat, as the
+        Jacobian assembly wants it)."""
         if pt.graph is None:
             was = _grad_on()
             try:
                 x = self._x(pt.x)  # the point's own copy: it can be the leaf itself
+                shaped = self._shaped and part is self.explicit
                 xr = x.detach().requires_grad_(True) if x.requires_grad else x.requires_grad_(True)
-                out = self._flat(part.func(self._t(pt.t), self._y(xr)), part.name)
+                out = part.func(self._t(pt.t), self._y(xr))
+                out = self._shaped_out(out, part.name) if shaped else self._flat(out, part.name)
             finally:
                 _set_grad(was)
             pt.graph = (xr, out)
@@ -496,7 +345,8 @@ class TorchProblem(_CallbackErrors):
             v = v.to(out.dtype)
         inputs = ((xr,) if want_x else ()) + (self.params if want_p else ())
         if out.requires_grad:
-            grads = _engine_grad(out, inputs, v, not last)
+            grads = _engine_grad(out, inputs, v if v.shape == out.shape else v.view(out.shape),
+                                 not last)
         else:  # func depends on neither y nor the parameters: every block is zero
             grads = (None,) * len(inputs)
         if last:
@@ -505,6 +355,8 @@ class TorchProblem(_CallbackErrors):
         gx = grads[0] if want_x else None
         if want_x and gx is None:  # func does not depend on y (e.g. a forcing term)
             gx = torch.zeros_like(xr)
+        if gx is not None and gx.dim() != 1:  # a shaped graph
+            gx = gx.reshape(-1)
         gps = (grads[1:] if want_x else grads) if want_p else None
         if want_p and observers.active():
             observers.notify(observers.VjpEvent(
@@ -525,8 +377,11 @@ class TorchProblem(_CallbackErrors):
 
         The parameter product is either accumulated into the gradient with the stage's
         weight (:meth:`accumulate_params`) or kept for PETSc's parameter product with
-        the same vector ``x``, which follows.
+        the same vector ``x``, which follows.  The product is flat or, for a shaped
+        state, may be in its shape.
         """
+        if self._shaped:  # v in the layout of the explicit part's graphs
+            v = self.views.state(x)
         pg = self.param_grad
         if pg is not None and not observers.active():  # explicit RK: the common stage
             return self._rk_state_product(part, v, pg)
@@ -537,7 +392,7 @@ class TorchProblem(_CallbackErrors):
             if self.param_grad is not None:
                 self.param_grad.add(gps, pt.weight, self.params, v)
             else:
-                pt.cached_v, pt.cached_gp = _vec_key(x), self._flat_params(gps)
+                pt.cached_v, pt.cached_gp = vec_key(x), self._flat_params(gps)
         return gx if gx.dtype == torch.float64 else gx.to(torch.float64)
 
     def _rk_state_product(self, part: _Part, v: torch.Tensor, pg: ParamGradient) -> torch.Tensor:
@@ -547,7 +402,7 @@ class TorchProblem(_CallbackErrors):
         xr, out = pt.graph if pt.graph is not None else self._graph(part, pt)
         if v.dtype != out.dtype:
             v = v.to(out.dtype)
-        if out.requires_grad:
+        if out.requires_grad:  # (v and the graph are in the same layout)
             grads = _engine_grad(out, (xr, *self.params), v, False)
         else:  # func depends on neither y nor the parameters: every block is zero
             grads = (None,) * (1 + len(self.params))
@@ -562,7 +417,7 @@ class TorchProblem(_CallbackErrors):
     def param_product(self, part: _Part, x: PETSc.Vec) -> torch.Tensor:
         """``v^T df/dp`` for the vector in ``x`` (the one kept from the state product if same)."""
         pt = part.point
-        if pt.cached_v is not None and pt.cached_v == _vec_key(x):
+        if pt.cached_v is not None and pt.cached_v == vec_key(x):
             return pt.cached_gp
         _, gps = self.vjp(part, self.views.read(x), want_x=False, want_p=True)
         return self._flat_params(gps)
@@ -579,7 +434,8 @@ class TorchProblem(_CallbackErrors):
         def f(z):
             return self._flat(part.func(t, self._y(z)), part.name)
 
-        return torch.func.jvp(f, (self._x(pt.x),), (v,))[1]
+        x = self._x(pt.x)
+        return torch.func.jvp(f, (x,), (v if v.shape == x.shape else v.view(x.shape),))[1]
 
     # -- parameter gradient accumulated on the torch side (explicit RK) ------------------
     def accumulate_params(self, on: bool) -> None:
@@ -594,30 +450,28 @@ class TorchProblem(_CallbackErrors):
             return
         try:
             self.counters.rhs += 1
-            x = self.views.read(X)
             graphs = self.graphs
             if graphs is None or graphs.budget == 0:  # a zero budget keeps nothing: "stages"
+                x = self.views.state(X) if self._shaped else self.views.read(X)
                 if torch.is_grad_enabled():
                     with torch.no_grad():
-                        out = self._value(self.explicit, t, x)
+                        out = self._explicit_value(t, x)
                 else:  # as inside autograd's forward and backward
-                    out = self._value(self.explicit, t, x)
+                    out = self._explicit_value(t, x)
                 self._write_checked(self.explicit, t, out, F)
                 return
             # keep the graph: the adjoint's vjp at this stage is then a backward pass only
             was = _grad_on()
             try:
-                if self._is64:  # the leaf itself is the state's copy the store compares
-                    xc = xr = x.clone().requires_grad_(True)
-                else:
-                    xc = x.clone()
-                    xr = self._x(xc).requires_grad_(True)
+                xc = self._explicit_view(X).clone()  # the state's copy the store compares
+                # for float64 the graph's leaf is that copy itself
+                xr = (xc if self._is64 else self._x(xc)).requires_grad_(True)
                 if graphs.budget is not None and self._entry_bytes is None:
                     out, self._entry_bytes = graph_bytes(
-                        lambda: self._value(self.explicit, t, xr), xr, self.params)
+                        lambda: self._explicit_value(t, xr), xr, self.params)
                     graphs.entry_bytes = self._entry_bytes
                 else:
-                    out = self._value(self.explicit, t, xr)
+                    out = self._explicit_value(t, xr)
             finally:
                 _set_grad(was)
             self._write_checked(self.explicit, t, out, F)

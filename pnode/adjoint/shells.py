@@ -45,7 +45,8 @@ class ShellContext:
         if self.alpha != 1.0 or self.beta != 0.0:
             out.mul_(self.alpha)
             if self.beta != 0.0:  # only square (state) operators are ever shifted
-                out.add_(self.prob.views.read(x), alpha=self.beta)
+                views = self.prob.views
+                out.add_(views.read(x) if out.dim() == 1 else views.state(x), alpha=self.beta)
 
     def _time(self) -> float:
         return self.part.point.t if self.part.point else 0.0
@@ -95,7 +96,8 @@ class ShellContext:
             # product: both come from one backward pass (with the stage weight known, the
             # problem accumulates the parameter gradient itself and PETSc does not ask).
             gx = prob.rhs_state_product(part, v, x)
-            out = prob.views.write(y)
+            # (a shaped state's product may come in its shape: no reshape per stage)
+            out = prob.views.write(y) if gx.dim() == 1 else prob.views.write_state(y)
             out.copy_(gx)
         else:
             # inside a transposed Krylov solve only the state product is needed

@@ -25,8 +25,8 @@ from ..errors import CheckpointError
 from . import failures
 from .distributed import gather_failures
 from .interrupts import files_removed_on_sigterm
-from .problem import VECSUM_MAX
 from .store import StateStore
+from .vecs import VECSUM_MAX
 
 if TYPE_CHECKING:
     from .solver import TSSolver

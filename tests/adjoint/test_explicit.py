@@ -156,8 +156,8 @@ def test_solver_reuse_and_interleaved_solves():
 
 @pytest.mark.parametrize("checkpoint", ["stages", "graph"])
 def test_large_state_gradients_exact(checkpoint):
-    # a state past problem.VECSUM_MAX: finiteness checks by torch instead of VecSum
-    from pnode.adjoint.problem import VECSUM_MAX
+    # a state past vecs.VECSUM_MAX: finiteness checks by torch instead of VecSum
+    from pnode.adjoint.vecs import VECSUM_MAX
 
     func = TimeMLP().double()
     y0 = torch.randn(VECSUM_MAX // 3 + 7, 3, dtype=torch.float64, requires_grad=True)

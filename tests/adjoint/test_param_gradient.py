@@ -2,7 +2,7 @@
 
 import torch
 
-from pnode.adjoint.problem import ParamGradient
+from pnode.adjoint.param_gradient import ParamGradient
 
 
 def _sequential(stages, params):
@@ -37,3 +37,17 @@ def test_product_sharing_the_cotangent_is_added_at_once():
     pg.add([v], 0.5, params, v)  # autograd handed the incoming vector on as it is
     v.fill_(7.0)  # PETSc reuses its work vector
     assert torch.equal(pg.value(4), torch.full((4,), 0.5, dtype=torch.float64))
+
+
+def test_product_viewing_part_of_the_cotangent_is_added_at_once():
+    # e.g. func = cat([g(y), p]) or y + p in the state's shape: the gradient is a view of v
+    params = [torch.zeros(2, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)]
+    pg = ParamGradient()
+    pg.reset()
+    other = torch.ones(3, dtype=torch.float64)
+    for k in range(3):
+        v = torch.arange(7.0, dtype=torch.float64) + k
+        pg.add([v[3:].view(2, 2), other], 0.5, params, v)
+        v.fill_(-1e9)  # PETSc reuses its work vector
+    want = 0.5 * sum(torch.arange(3.0, 7.0, dtype=torch.float64) + k for k in range(3))
+    assert torch.equal(pg.value(7), torch.cat([want, torch.full((3,), 1.5, dtype=torch.float64)]))
