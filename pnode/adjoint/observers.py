@@ -140,22 +140,27 @@ def stage_weights(tableau, b: list[float] | None = None
     coef = [bi if bi != 0 else 1.0 for bi in tableau.b]
     if tableau.fsal:
         c, coef = c[:-1], coef[:-1]  # first same as last: PETSc's adjoint skips that stage
-    last: dict = {"step": None, "index": len(c)}
+    n = len(c)
+    last: list = [None, n]  # the step (ptime, h) being visited, the last stage index found
+
+    def highest_match(ci: float, below: int) -> int | None:
+        for i in range(below - 1, -1, -1):  # (called once per adjoint stage: no list built)
+            if abs(c[i] - ci) < 1e-8:
+                return i
+        return None
 
     def weight(t_stage: float, ptime: float, h: float) -> float | None:
         if h == 0:
             return None
         ci = 1.0 - (t_stage - ptime) / h
-        if last["step"] != (ptime, h):
-            last["step"], last["index"] = (ptime, h), len(c)
-        matches = [i for i in range(len(c)) if abs(c[i] - ci) < 1e-8]
-        below = [i for i in matches if i < last["index"]]
-        if not below:  # a new visit of the same step (another adjoint sweep)
-            below = matches
-        if not below:
-            return None
-        i = max(below)
-        last["index"] = i
+        if last[0] != (ptime, h):
+            last[0], last[1] = (ptime, h), n
+        i = highest_match(ci, last[1])
+        if i is None:  # a new visit of the same step (another adjoint sweep)
+            i = highest_match(ci, n)
+            if i is None:
+                return None
+        last[1] = i
         return -h * coef[i]
 
     return weight

@@ -136,4 +136,7 @@ def _shares(grads: Sequence[torch.Tensor], v: torch.Tensor) -> bool:
     """
     lo = v.data_ptr()
     hi = lo + v.numel() * v.element_size()
-    return any(lo <= g.data_ptr() < hi for g in grads)
+    for g in grads:  # (a loop, not a generator: this runs once per adjoint stage)
+        if lo <= g.data_ptr() < hi:
+            return True
+    return False
