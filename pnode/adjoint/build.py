@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cached_property
 
 from petsc4py import PETSc
 
@@ -256,16 +257,25 @@ class TSObjects:
         put into PETSc's database after a solver was built reach it after the next
         change pnode makes, or in a new solver.)
         """
-        traj = {k: v for k, v in self.defaults().items() if k.startswith("ts_trajectory_")}
-        flags = {k: traj.get(k) for k in ("ts_trajectory_use_history", "ts_trajectory_solution_only")}
-        if not (getattr(self, "_plain", False) and self.problem.implicit is None
-                and not self.adjoint_mode and traj.get("ts_trajectory_type") == "memory"
-                and len(traj) == 3 and all(v in ("0", "1") for v in flags.values())):
+        flags = self.memory_flags
+        if flags is None or not getattr(self, "_plain", False) or self.adjoint_mode:
             self.configure()
             return
-        configure_memory_trajectory(
-            self.ts, use_history=flags["ts_trajectory_use_history"] == "1",
-            solution_only=flags["ts_trajectory_solution_only"] == "1")
+        configure_memory_trajectory(self.ts, use_history=flags[0], solution_only=flags[1])
+
+    @cached_property
+    def memory_flags(self) -> tuple[bool, bool] | None:
+        """``(use_history, solution_only)`` of a plain memory trajectory, or ``None``.
+
+        ``None``: the options ask for more than :func:`configure_memory_trajectory` sets
+        (or the problem is implicit), so a forward solve needs a whole ``configure``.
+        The options are fixed for the solver's life (they are part of its cache key).
+        """
+        traj = {k: v for k, v in self.defaults().items() if k.startswith("ts_trajectory_")}
+        flags = [traj.get(k) for k in ("ts_trajectory_use_history", "ts_trajectory_solution_only")]
+        plain = (self.problem.implicit is None and traj.get("ts_trajectory_type") == "memory"
+                 and len(traj) == 3 and all(v in ("0", "1") for v in flags))
+        return (flags[0] == "1", flags[1] == "1") if plain else None
 
     def set_adjoint_mode(self, on: bool) -> None:
         """Switch SNES Jacobian lagging off for the adjoint sweep, and back.

@@ -92,7 +92,7 @@ def forward_sweep(solver: TSSolver, y0: torch.Tensor, t: torch.Tensor, *,
     failures.sync(solver, "forward", tt[-1])
     if prob.error is not None or ts.getConvergedReason() < 0:
         failures.fail(solver, "forward", tt[-1])
-    ys = _outputs(solver, tt)
+    ys = _outputs(solver, tt, y0)
     _record_stats(solver, c0, start)
     solver.busy = record
     return ys
@@ -159,13 +159,18 @@ def _initial_step(solver: TSSolver, t0: float, y0: torch.Tensor, span: float) ->
         prob.counters.rhs += 2
 
 
-def _outputs(solver: TSSolver, tt: list[float]) -> torch.Tensor:
+def _outputs(solver: TSSolver, tt: list[float], y0: torch.Tensor) -> torch.Tensor:
     """The solutions at the output times, and the step index of each (``seg_steps``)."""
     ts = solver.ts
     sol_times, sol_vecs = ts.getEvaluationSolutions()
     if len(sol_times) != len(tt):
         failures.fail(solver, "forward", tt[len(sol_times)] if len(sol_times) < len(tt) else tt[-1])
-    ys = torch.stack([vec_view(v) for v in sol_vecs])  # a new tensor: no copy needed
+    # PETSc's first and last evaluation solutions are copies of the initial state and of the
+    # final solution (the checks below make sure the last one is at the final step): the
+    # tensors at hand serve, and only the times in between need views of PETSc's Vecs
+    # (a view of a fresh Vec costs several microseconds)
+    rows = [y0, *[vec_view(v) for v in sol_vecs[1:-1]], solver.problem.views.read(solver.x)]
+    ys = torch.stack(rows)  # a new tensor: no copy needed
     # Step index of each output: the monitor saw the same ts->ptime values PETSc stored.
     step_of = {time: step for step, time in solver.log.steps}
     solver.seg_steps = [step_of[float(s)] for s in sol_times]

@@ -98,10 +98,10 @@ class AdjointSweep:
             s.petsc.configure()
             raise failures.nonfinite_adjoint(t, steps, hint)
 
-    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def finish(self, hint: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """Check the adjoint, record the statistics, return ``(grad_y0, grad_params)``."""
         s, counters = self.solver, self.solver.problem.counters
-        self.check_finite(s.stats.step_times[0], 0)
+        self.check_finite(s.stats.step_times[0], 0, hint)
         s.stats.vjps = counters.vjp - self.vjps
         s.stats.graph_hits = counters.graph_hits - self.graph_hits
         s.stats.adjoint_seconds = _time.perf_counter() - self.start
@@ -147,10 +147,14 @@ def segmented_sweep(solver: TSSolver, grad_ys: torch.Tensor) -> tuple[torch.Tens
                 failures.sync(solver, "adjoint", times[seg[k - 1]])
                 if solver.problem.error is not None or reason < 0:
                     failures.fail(solver, "adjoint", times[seg[k - 1]])
-                sweep.check_finite(ts.getTime(), ts.getStepNumber(), " (a singular or "
-                                   "ill-conditioned Jacobian on the trajectory?)")
+                if k > 1:  # the first segment's adjoint: checked by finish, at the same time
+                    sweep.check_finite(ts.getTime(), ts.getStepNumber(), _SINGULAR)
             sweep.add_output_gradient(k - 1)
-    return sweep.finish()
+    # (adding a finite output gradient keeps NaN/Inf as it is)
+    return sweep.finish(_SINGULAR)
+
+
+_SINGULAR = " (a singular or ill-conditioned Jacobian on the trajectory?)"
 
 
 def _adjoint_steps(solver: TSSolver, lo: int, hi: int) -> None:
