@@ -225,11 +225,12 @@ def _check_state(y0) -> tuple[torch.Tensor, ...]:
     return tensors
 
 
-def _collect_params(func, adjoint_params, probe: tuple | None = None) -> list[torch.Tensor]:
+def _collect_params(func, adjoint_params,
+                    probe: Callable[[], tuple] | None = None) -> list[torch.Tensor]:
     """The tensors to differentiate: ``adjoint_params``, the parameters of an ``nn.Module``
     func, or, for any other callable, the leaf tensors its output depends on.
 
-    ``probe`` is ``(t0, y0)``: a func that is not a module (a lambda or closure over a
+    ``probe()`` gives ``(t0, y0)``: a func that is not a module (a lambda or closure over a
     network, the pattern torchdiffeq's adjoint refuses) is evaluated there once and its
     autograd graph searched for the leaves that require grad, so they are not silently
     missed.  ``None`` (no backward can follow): no probe.
@@ -247,7 +248,7 @@ def _collect_params(func, adjoint_params, probe: tuple | None = None) -> list[to
         for m in mods:
             owner = m.__self__ if hasattr(m, "__self__") else m
             found = owner.parameters() if isinstance(owner, nn.Module) else \
-                _closure_leaves(m, probe) if probe is not None else ()
+                _closure_leaves(m, probe()) if probe is not None else ()
             for p in found:
                 if id(p) not in seen:
                     seen.add(id(p))
@@ -707,7 +708,9 @@ def _prepare(front: _Front, func, y0, adjoint_params, checkpoint, mass, dist):
     tt = front.times.t
     probe = None
     if torch.is_grad_enabled():  # a backward may follow: find a closure's parameters
-        probe = (tt[0].detach().to(spec.dtype), tuple(tensors) if spec.is_tuple else tensors[0])
+        # (made only for a func that is not a module: the time's select costs operators)
+        def probe():
+            return tt[0].detach().to(spec.dtype), tuple(tensors) if spec.is_tuple else tensors[0]
     params = _collect_params(func, adjoint_params, probe)
 
     # normalise: flat state, increasing times in the state's dtype, extra step ends
